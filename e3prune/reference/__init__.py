@@ -1,0 +1,6 @@
+"""The shipped reference model (see ``model/README.md`` for its card)."""
+
+from pathlib import Path
+
+#: Directory of the shipped, trained checkpoint: the embedded default model.
+MODEL_DIR = Path(__file__).resolve().parent / "model"

@@ -1,0 +1,22 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    from e3prune.reference import MODEL_DIR
+
+    assert (MODEL_DIR / "model.safetensors").is_file(), "the shipped reference model is missing"
+    return MODEL_DIR
+
+
+@pytest.fixture
+def no_partial_dirs(tmp_path):
+    """Asserts after the test that no staged (``.partial``) directory was left behind."""
+    yield tmp_path
+    leftovers = [p.name for p in tmp_path.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+    assert not leftovers, f"staged directories left behind: {leftovers}"
