@@ -18,7 +18,6 @@ import logging
 import math
 import platform
 import random
-import sys
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -171,13 +170,21 @@ def perplexity(model, tokens: torch.Tensor, seq_len: int, batch_size: int = 16) 
     return math.exp(total / count)
 
 
+def demo_tokens(heldout: torch.Tensor, seq_len: int, sequences: int) -> torch.Tensor:
+    """``sequences`` held-out sequences spread evenly over the held-out stream (not just its first
+    file), flattened: a cheap but representative sample for the card's comparisons."""
+    n = heldout.numel() // seq_len
+    stride = max(1, n // sequences)
+    return heldout[: n * seq_len].view(n, seq_len)[::stride][:sequences].reshape(-1)
+
+
 def _importance_demo(model, heldout: torch.Tensor, seq_len: int, seed: int) -> dict:
     """Held-out perplexity after removing 25 % of layers: the last ones vs. random choices."""
     from e3prune.masking import masked_view
 
     n_layers = model.config.num_hidden_layers
     n_remove = round(0.25 * n_layers)
-    tokens = heldout[: 32 * seq_len]
+    tokens = demo_tokens(heldout, seq_len, 64)
     rows = {"full": perplexity(model, tokens, seq_len)}
     last = list(range(n_layers - n_remove, n_layers))
     with masked_view(model, [i for i in range(n_layers) if i not in last]):
@@ -192,7 +199,7 @@ def _importance_demo(model, heldout: torch.Tensor, seq_len: int, seed: int) -> d
     single = []
     for layer in range(n_layers):
         with masked_view(model, [i for i in range(n_layers) if i != layer]):
-            single.append(perplexity(model, tokens[: 8 * seq_len], seq_len))
+            single.append(perplexity(model, demo_tokens(heldout, seq_len, 16), seq_len))
     return {"n_remove": n_remove, "tokens": tokens.numel(), "ppl": rows, "random": randoms, "single_layer_ppl": single}
 
 
@@ -339,7 +346,8 @@ def render_card(s: dict) -> str:
         "",
         "## Its layers differ in importance",
         "",
-        f"Held-out perplexity on {demo['tokens']:,} held-out tokens after skipping {demo['n_remove']} of "
+        f"Held-out perplexity on {demo['tokens']:,} held-out tokens (64 sequences spread over the held-out set) "
+        f"after skipping {demo['n_remove']} of "
         f"{cfg['num_layers']} layers (25 %), no retraining:",
         "",
         "| layers removed | perplexity |",
@@ -352,7 +360,7 @@ def render_card(s: dict) -> str:
     lines += [
         f"| random, mean of {len(rnd)} | {rnd_mean:.2f} |",
         "",
-        "Skipping one layer at a time (perplexity on the first 8 held-out sequences):",
+        "Skipping one layer at a time (perplexity on 16 held-out sequences spread over the held-out set):",
         "",
         "| layer | " + " | ".join(str(i) for i in range(len(demo["single_layer_ppl"]))) + " |",
         "|---|" + "---|" * len(demo["single_layer_ppl"]),
@@ -363,7 +371,9 @@ def render_card(s: dict) -> str:
         "| step | tokens | loss | lr | seconds |",
         "|---|---|---|---|---|",
     ]
-    lines += [f"| {h['step']} | {h['tokens']:,} | {h['loss']:.3f} | {h['lr']:.2e} | {h['seconds']} |" for h in s["history"]]
+    lines += [
+        f"| {h['step']} | {h['tokens']:,} | {h['loss']:.3f} | {h['lr']:.2e} | {h['seconds']} |" for h in s["history"]
+    ]
     lines += [
         "",
         "## Files",
