@@ -5,6 +5,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# The S3 server fixtures (a real SeaweedFS on loopback), shared by the storage and data tests.
+from s3_server import s3, s3_server  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
