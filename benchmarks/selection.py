@@ -1,0 +1,213 @@
+"""Selection benchmark: which layers to remove, E³ search against every baseline.
+
+On the shipped reference model (24 layers), removing 25 % and 40 % of the layers, it reports for
+every selector the held-out perplexity of the pruned model (no distillation), its wall time, the
+tokens it read and its compute in layer-tokens (a forward of T tokens through k computed layers
+costs k·T; an activation-only backward counts like a forward).
+
+Protocol. Data comes from the built-in held-out corpus through the sample step: a *search* split
+(what every selector may look at, and the only split any hyperparameter was chosen on) and a
+disjoint *eval* split (perplexity reported here, never used for a choice). The teacher top-K cache
+covers the search split. Selectors that need calibration data get the first
+``--calibration-sequences`` sequences of the search split; the E³ search reads its whole budget
+from the search split.
+
+With ``--small``, the same on a 12-layer variant of the reference model (built on first use,
+~15 min on 2 cores, cached under benchmarks/.cache) adds the exhaustive optimum over all C(12, n)
+removal sets, scored by the same KL on the whole search split.
+
+    python benchmarks/selection.py                 # 24 layers, 25 % and 40 %
+    python benchmarks/selection.py --small         # 12 layers, with the exhaustive optimum
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+from e3prune.data import SampleConfig, SourceSpec, load_split, sample_data
+
+from e3prune.checkpoint import load_causal_lm
+from e3prune.masking import masked_view
+from e3prune.reference import MODEL_DIR
+from e3prune.search import SearchConfig, search_mask
+from e3prune.selection import SELECTORS, Calibration, n_remove_for
+from e3prune.teacher import TeacherLogitsConfig, TeacherTopK, teacher_logits
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache"
+
+
+@torch.no_grad()
+def heldout_ppl(model, eval_ids: torch.Tensor, keep: list[int], batch_size: int = 16) -> float:
+    total, count = 0.0, 0
+    with masked_view(model, keep):
+        for s in range(0, eval_ids.size(0), batch_size):
+            x = eval_ids[s : s + batch_size]
+            logits = model(input_ids=x, use_cache=False).logits.float()
+            total += torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
+            ).item()
+            count += x[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def small_model() -> Path:
+    """The 12-layer variant: same recipe as the shipped model, half the depth."""
+    from e3prune.reference.build import ReferenceModelConfig, build_reference_model
+
+    path = CACHE / "reference-12L"
+    if not (path / "model.safetensors").is_file():
+        build_reference_model(ReferenceModelConfig(num_layers=12), path)
+    return path
+
+
+def prepare(model_dir: Path, work: Path, search_tokens: int, eval_tokens: int) -> tuple[Path, Path]:
+    data, cache = work / "data", work / "teacher"
+    if not (data / "manifest.json").is_file():
+        sample_data(
+            SampleConfig(
+                sources=[SourceSpec(uri="builtin:reference")],
+                tokenizer=str(model_dir),
+                search_tokens=search_tokens,
+                distill_tokens=0,
+                eval_tokens=eval_tokens,
+                output=str(data),
+            )
+        )
+    if not (cache / "manifest.json").is_file():
+        teacher_logits(TeacherLogitsConfig(model=str(model_dir), data=str(data), output=str(cache), splits=["search"]))
+    return data, cache
+
+
+def run(model_dir: Path, ratios: list[float], args, exhaustive: bool) -> list[dict]:
+    work = CACHE / f"selection-{model_dir.name}"
+    data, cache_dir = prepare(model_dir, work, args.search_tokens, args.eval_tokens)
+    model = load_causal_lm(model_dir, "float32")
+    L = model.config.num_hidden_layers
+    eval_ids = load_split(str(data), "eval")
+    cache = TeacherTopK(str(cache_dir))
+    search = cache.load("search")
+    calib = Calibration.from_batch(search, args.calibration_sequences)
+    full = Calibration.from_batch(search)
+    rows = [
+        {
+            "ratio": 0.0,
+            "method": "none (teacher)",
+            "removed": [],
+            "ppl": heldout_ppl(model, eval_ids, list(range(L))),
+            "seconds": 0.0,
+            "tokens": 0,
+            "layer_tokens": 0,
+        }
+    ]
+    for ratio in ratios:
+        n = n_remove_for(ratio, L)
+        methods = ["last", "random", "block_influence", "angular", "kl_oneshot", "sleb"]
+        if exhaustive:
+            methods.append("exhaustive")
+        for method in methods:
+            opts = {"seed": 0}
+            use = full if method == "exhaustive" else calib
+            sel = SELECTORS[method](model, use, n, **opts)
+            tokens = 0 if method in ("last", "random") else use.tokens
+            rows.append(
+                {
+                    "ratio": ratio,
+                    "method": method,
+                    "removed": sel.removed,
+                    "ppl": heldout_ppl(model, eval_ids, sel.keep),
+                    "seconds": sel.seconds,
+                    "tokens": tokens,
+                    "layer_tokens": sel.layer_tokens,
+                }
+            )
+            print(rows[-1], flush=True)
+        out = work / f"search-{ratio}"
+        res = search_mask(
+            SearchConfig(
+                model=str(model_dir),
+                teacher_cache=str(cache_dir),
+                output=str(out),
+                remove_ratio=ratio,
+                search_tokens=args.e3_tokens,
+                overwrite=True,
+                seed=args.seed,
+            )
+        )
+        rows.append(
+            {
+                "ratio": ratio,
+                "method": "e3 (Gumbel-TopK search)",
+                "removed": res["removed"],
+                "ppl": heldout_ppl(model, eval_ids, res["keep"]),
+                "seconds": res["seconds"],
+                "tokens": res["search_tokens"] + args.calibration_sequences * cache.seq_len,
+                "layer_tokens": res["layer_tokens"],
+                "chosen_from": res["chosen_from"],
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def render(rows: list[dict], title: str, args, model_dir: Path) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        f"Model `{model_dir.name}`; held-out perplexity on the eval split ({args.eval_tokens:,} tokens), "
+        "masked view, no distillation. Lower is better; the best per ratio is in bold.",
+        f"Calibration for the baselines: {args.calibration_sequences} search-split sequences; E³ search: "
+        f"{args.e3_tokens:,} search-split tokens, seed {args.seed}, default `SearchConfig`.",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
+        "",
+        "| removed | method | layers removed | held-out ppl | wall s | tokens read | layer-tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for ratio in sorted({r["ratio"] for r in rows}):
+        group = [r for r in rows if r["ratio"] == ratio]
+        best = min(r["ppl"] for r in group)
+        for r in group:
+            ppl = f"**{r['ppl']:.2f}**" if r["ppl"] == best and ratio > 0 else f"{r['ppl']:.2f}"
+            lines.append(
+                f"| {ratio:.0%} | {r['method']} | {r['removed']} | {ppl} | {r['seconds']:.1f} | "
+                f"{r['tokens']:,} | {r['layer_tokens']:,} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="12-layer variant with the exhaustive optimum")
+    ap.add_argument("--ratios", default="0.25,0.4")
+    ap.add_argument("--search-tokens", type=int, default=65536, help="size of the search split")
+    ap.add_argument("--eval-tokens", type=int, default=65536)
+    ap.add_argument("--calibration-sequences", type=int, default=16)
+    ap.add_argument("--e3-tokens", type=int, default=SearchConfig.model_fields["search_tokens"].default)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    model_dir = small_model() if args.small else MODEL_DIR
+    started = time.time()
+    rows = run(model_dir, ratios, args, exhaustive=args.small)
+    name = "selection-12L" if args.small else "selection"
+    title = "Layer selection, 12-layer variant (with the exhaustive optimum)" if args.small else "Layer selection"
+    text = (
+        render(rows, title, args, model_dir) + f"\nTotal benchmark time {time.time() - started:.0f} s. "
+        f"Command: `python benchmarks/selection.py{' --small' if args.small else ''}`\n"
+    )
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / f"{name}.md").write_text(text)
+    (HERE / "results" / f"{name}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
