@@ -45,8 +45,9 @@ def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
         model.generate(prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
         t_first = time.perf_counter() - t
         t = time.perf_counter()
-        model.generate(prompt, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False,
-                       pad_token_id=0)
+        model.generate(
+            prompt, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False, pad_token_id=0
+        )
         return time.perf_counter() - t - t_first
 
 
@@ -134,7 +135,8 @@ def main() -> None:
             "Ideal speedup: that of the natively built model of the same depth; time outside the decoder layers",
             "(embedding, LM head, generation loop) does not shrink, so it is below L/k. Share of time outside the layers,",
             "fitted as t(depth) = t_rest + depth · t_layer: "
-            + ", ".join(f"{p} {100 * r['share_outside_layers']:.0f} %" for p, r in result["phases"].items()) + ".",
+            + ", ".join(f"{p} {100 * r['share_outside_layers']:.0f} %" for p, r in result["phases"].items())
+            + ".",
             "Targets: hardened within 3 % of native; speedup ≥ 95 % of ideal.",
             "",
             f"Command: `python benchmarks/speed.py --repeats {args.repeats} --threads {args.threads}`",

@@ -87,7 +87,9 @@ def describe(model_or_config: Any) -> dict[str, Any]:
     layers = adapter.decoder_layers(model)
     per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     total = sum(p.numel() for p in model.parameters())
-    fields = {name: getattr(config, name) for name in adapter.per_layer_fields if getattr(config, name, None) is not None}
+    fields = {
+        name: getattr(config, name) for name in adapter.per_layer_fields if getattr(config, name, None) is not None
+    }
     fields.update(_index_fields(adapter, config))
     return {
         "model_type": config.model_type,

@@ -7,10 +7,13 @@ import argparse
 import json
 import logging
 import sys
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
 from e3prune.errors import E3PruneError
+from e3prune.reference import default_model
 
 
 def _int_list(text: str) -> list[int]:
@@ -20,10 +23,88 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer ids like 3,7,9, got {text!r}") from None
 
 
-def _default_model() -> str:
-    from e3prune.reference import MODEL_DIR
+def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per field of a step's pydantic config, so the CLI never drifts from it.
 
-    return str(MODEL_DIR)
+    Flags default to ``None`` (= the config's own default); lists are comma-separated; booleans
+    get ``--x`` / ``--no-x``; Literal fields get their choices. Validation stays in the config.
+    """
+    for name, field in config_cls.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        ann = field.annotation
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if typing.get_origin(ann) in (typing.Union, types.UnionType) and len(args) == 1:
+            ann = args[0]
+        help_text = field.description or ""
+        if not field.is_required():
+            default = field.get_default(call_default_factory=True)
+            help_text += f" (default: {default})" if default not in (None, "") else ""
+        kwargs: dict = {"dest": name, "default": None, "help": help_text, "required": field.is_required()}
+        origin = typing.get_origin(ann)
+        if ann is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif origin is list:
+            (item,) = typing.get_args(ann) or (str,)
+            conv = _int_list if item is int else (lambda text: [x for x in text.split(",") if x])
+            parser.add_argument(flag, type=conv, **kwargs)
+        elif origin is typing.Literal:
+            parser.add_argument(flag, choices=[str(c) for c in typing.get_args(ann)], **kwargs)
+        elif ann in (int, float, str):
+            parser.add_argument(flag, type=ann, **kwargs)
+
+
+def config_from_flags(config_cls, args: argparse.Namespace):
+    """The step's config from the flags that were given (others keep the config's defaults)."""
+    given = {k: v for k, v in vars(args).items() if k in config_cls.model_fields and v is not None}
+    return config_cls.parse(given)
+
+
+def cmd_teacher_logits(args: argparse.Namespace) -> int:
+    from e3prune.teacher import TeacherLogitsConfig, teacher_logits
+
+    manifest = teacher_logits(config_from_flags(TeacherLogitsConfig, args))
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['tokens']:,} tokens at {info['tokens_per_second']:,.0f} tokens/s")
+    print(f"top-{manifest['top_k']} cache, {manifest['bytes_per_token']['logits']} bytes a token; wrote {args.output}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from e3prune.search import SearchConfig, search_mask
+
+    result = search_mask(config_from_flags(SearchConfig, args))
+    print(f"keep {len(result['keep'])} layers {result['keep']}")
+    print(f"remove {len(result['removed'])} layers {result['removed']} (chosen from: {result['chosen_from']})")
+    print(f"{result['steps']} steps, {result['search_tokens']:,} tokens, {result['seconds']:.1f}s; wrote {args.output}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from e3prune.distill import DistillConfig, distill
+
+    summary = distill(config_from_flags(DistillConfig, args))
+    if PartialState().is_main_process:  # under `accelerate launch` every process runs this
+        final = summary["final"]
+        print(
+            f"{summary['steps']} steps, {summary['tokens']:,} tokens ({summary['loss']}), "
+            f"{summary['tokens_per_second']:,.0f} tokens/s; final loss {final['loss']:.4f} kl {final['kl']:.4f}"
+        )
+        if summary["resumed_from_step"]:
+            print(f"resumed from step {summary['resumed_from_step']}")
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from e3prune.selection import SelectConfig, select_layers
+
+    sel = select_layers(config_from_flags(SelectConfig, args))
+    print(f"{sel.method}: remove {sel.removed}, keep {sel.keep} ({sel.seconds:.1f}s); wrote {args.output}")
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -37,7 +118,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{args.model}")
     print(f"  architecture    {', '.join(info['architectures'])} (model_type {info['model_type']})")
     print(f"  decoder layers  {info['num_hidden_layers']}, hidden size {info['hidden_size']}")
-    print(f"  parameters      {p['total']:,} total: {p['decoder_layers']:,} in decoder layers, {p['outside_layers']:,} outside")
+    print(
+        f"  parameters      {p['total']:,} total: {p['decoder_layers']:,} in decoder layers, {p['outside_layers']:,} outside"
+    )
     per = info["parameters_per_layer"]
     if len(set(per)) == 1:
         print(f"  per layer       {per[0]:,} each")
@@ -67,8 +150,56 @@ def cmd_harden(args: argparse.Namespace) -> int:
     print(f"kept {len(result.kept_layers)} layers {result.kept_layers}")
     print(f"removed {len(result.removed_layers)} layers {result.removed_layers}")
     if v is not None:
-        print(f"verified: max |logit diff| {v.max_abs_logit_diff:.2e}, cached greedy tokens match: {v.greedy_tokens_match}")
+        print(
+            f"verified: max |logit diff| {v.max_abs_logit_diff:.2e}, cached greedy tokens match: {v.greedy_tokens_match}"
+        )
     print(f"wrote {result.output}")
+    return 0
+
+
+def _source_arg(text: str) -> dict[str, object]:
+    """``URI[:weight]``; the weight is taken only when what follows the last colon is a number,
+    so ``builtin:reference`` and ``s3://…`` keep their colons."""
+    uri, sep, tail = text.rpartition(":")
+    if sep and uri:
+        try:
+            weight = float(tail)
+        except ValueError:
+            pass
+        else:
+            return {"uri": uri, "weight": weight}
+    return {"uri": text}
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from e3prune.data import SPLITS, SampleConfig, sample_data
+
+    given = {
+        "tokenizer": args.tokenizer,
+        "seq_len": args.seq_len,
+        "search_tokens": args.search_tokens,
+        "distill_tokens": args.distill_tokens,
+        "eval_tokens": args.eval_tokens,
+        "seed": args.seed,
+        "shard_sequences": args.shard_sequences,
+    }
+    settings: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+    if args.source:
+        per_source = {"text_field": args.text_field, "messages_field": args.messages_field, "split": args.split}
+        per_source = {k: v for k, v in per_source.items() if v is not None}
+        settings["sources"] = [{**src, **per_source} for src in args.source]
+    elif args.text_field or args.messages_field or args.split:
+        raise E3PruneError("--text-field, --messages-field and --split apply to --source; give one", field="sources")
+    cfg = SampleConfig.parse(settings, output=args.output, allow_repeat=args.allow_repeat, overwrite=args.overwrite)
+    manifest = sample_data(cfg)
+    for split in SPLITS:
+        info = manifest["splits"][split]
+        repeated = ", documents repeated" if info["repeated"] else ""
+        print(
+            f"{split:<8} {info['tokens']:>12,} tokens  {info['sequences']:>7,} × {manifest['seq_len']}  "
+            f"{info['documents']:>6,} documents{repeated}"
+        )
+    print(f"wrote {cfg.output}")
     return 0
 
 
@@ -82,7 +213,7 @@ def cmd_reference_build(args: argparse.Namespace) -> int:
 
 
 def cmd_reference_path(args: argparse.Namespace) -> int:
-    print(_default_model())
+    print(default_model())
     return 0
 
 
@@ -108,6 +239,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=cmd_harden)
 
+    from e3prune.distill import DistillConfig
+    from e3prune.search import SearchConfig
+    from e3prune.selection import SelectConfig
+    from e3prune.teacher import TeacherLogitsConfig
+
+    p = sub.add_parser("teacher-logits", help="cache the teacher's top-K logits over the sampled splits")
+    add_config_flags(p, TeacherLogitsConfig)
+    p.set_defaults(func=cmd_teacher_logits)
+    p = sub.add_parser("search", help="Gumbel-TopK search for the layers to remove (E³, weights frozen)")
+    add_config_flags(p, SearchConfig)
+    p.set_defaults(func=cmd_search)
+    p = sub.add_parser(
+        "distill", help="entropy-aware top-K distillation of the hardened student (runs under accelerate)"
+    )
+    add_config_flags(p, DistillConfig)
+    p.set_defaults(func=cmd_distill)
+    p = sub.add_parser("select", help="choose the layers with a baseline (last, random, ShortGPT, angular, SLEB, ...)")
+    add_config_flags(p, SelectConfig)
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("sample", help="sample search / distill / eval token splits from a mixture of data sources")
+    p.add_argument(
+        "--source",
+        action="append",
+        type=_source_arg,
+        metavar="URI[:WEIGHT]",
+        help="builtin:reference (default), a local jsonl/json/parquet/txt file or directory, or a hub "
+        "dataset id; repeat for a mixture",
+    )
+    p.add_argument("--text-field", help="field holding the text, for every --source (default: text)")
+    p.add_argument("--messages-field", help="field holding chat messages, rendered with the chat template")
+    p.add_argument("--split", help="split of hub datasets (default: train)")
+    p.add_argument("--tokenizer", help="model directory whose tokenizer to use (default: the reference model)")
+    p.add_argument("--seq-len", type=int, help="tokens per packed sequence (default: 256)")
+    p.add_argument("--search-tokens", type=int, help="budget of the search split (default: 65536)")
+    p.add_argument("--distill-tokens", type=int, help="budget of the distill split (default: 131072)")
+    p.add_argument("--eval-tokens", type=int, help="budget of the eval split (default: 65536)")
+    p.add_argument("--seed", type=int, help="shuffling seed (default: 0)")
+    p.add_argument("--shard-sequences", type=int, help="sequences per shard file (default: 1024)")
+    p.add_argument("--allow-repeat", action="store_true", help="cycle a split's own documents when data runs out")
+    p.add_argument("--output", required=True, help="directory or s3://bucket/prefix to write (must be new)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_sample)
+
     ref = sub.add_parser("reference-model", help="the small model the project ships and trains itself")
     rsub = ref.add_subparsers(dest="action", required=True)
     p = rsub.add_parser("build", help="train the tokenizer and model on the standard library (~30 min on 2 cores)")
@@ -121,9 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "model", "unset") is None:
-        args.model = _default_model()
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if getattr(args, "model", "unset") is None and args.command in ("inspect", "harden"):
+        args.model = default_model()
     try:
         return args.func(args)
     except E3PruneError as exc:

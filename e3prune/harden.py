@@ -72,7 +72,7 @@ def harden(model: nn.Module, keep: Sequence[int], *, share_weights: bool = False
             old = int(m.group(1))
             if old not in old_to_new:
                 continue
-            name = f"{adapter.layers_path}.{old_to_new[old]}.{name[m.end():]}"
+            name = f"{adapter.layers_path}.{old_to_new[old]}.{name[m.end() :]}"
         if id(t) not in placed:
             data = t.detach() if share_weights else t.detach().clone()
             placed[id(t)] = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
@@ -128,7 +128,11 @@ def verify_hardened(
     with masked_view(source, keep):
         want = source(input_ids=probe, use_cache=False).logits.float()
         want_tokens = source.generate(
-            probe, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=False,
+            probe,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=False,
             pad_token_id=0,
         )
     got = hardened(input_ids=probe, use_cache=False).logits.float()
@@ -166,7 +170,7 @@ class HardenConfig(StepConfig):
         return v
 
     @model_validator(mode="after")
-    def _one_selection(self) -> "HardenConfig":
+    def _one_selection(self) -> HardenConfig:
         if (self.keep_layers is None) == (self.remove_layers is None):
             raise ValueError("give exactly one of keep_layers or remove_layers")
         return self

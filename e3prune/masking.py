@@ -41,8 +41,10 @@ class GatedLayer(nn.Module):
         if isinstance(gate, (int, float)) and gate == 1:
             return out
         h = out[0] if isinstance(out, tuple) else out
-        mixed = hidden_states + gate.to(h.dtype) * (h - hidden_states) if torch.is_tensor(gate) else (
-            hidden_states + gate * (h - hidden_states)
+        mixed = (
+            hidden_states + gate.to(h.dtype) * (h - hidden_states)
+            if torch.is_tensor(gate)
+            else (hidden_states + gate * (h - hidden_states))
         )
         return (mixed, *out[1:]) if isinstance(out, tuple) else mixed
 
@@ -58,7 +60,9 @@ def validate_keep(keep: Sequence[int], num_layers: int, field: str = "keep_layer
     """Sorted, validated keep-set: non-empty, in range, no duplicates, not every layer removed."""
     keep = list(keep)
     if not keep:
-        raise E3PruneError(f"the keep-set is empty; keep between 1 and {num_layers} of the {num_layers} layers", field=field)
+        raise E3PruneError(
+            f"the keep-set is empty; keep between 1 and {num_layers} of the {num_layers} layers", field=field
+        )
     bad = [i for i in keep if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_layers]
     if bad:
         raise E3PruneError(f"layer ids {bad} are out of range; the model has layers 0..{num_layers - 1}", field=field)

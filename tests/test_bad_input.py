@@ -63,8 +63,12 @@ def test_paths_that_are_not_models(tmp_path, no_partial_dirs):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    cases = [(tmp_path / "missing", "does not exist"), (a_file, "is a file"), (empty, "no config.json"),
-             (broken, "cannot be read")]
+    cases = [
+        (tmp_path / "missing", "does not exist"),
+        (a_file, "is a file"),
+        (empty, "no config.json"),
+        (broken, "cannot be read"),
+    ]
     for path, words in cases:
         with pytest.raises(E3PruneError) as err:
             _harden(path, no_partial_dirs / "out", remove_layers=[0])
@@ -109,9 +113,20 @@ def test_config_errors_name_the_field():
 
 def test_cli_prints_one_error_line_and_exits_2(src_dir, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "e3prune.cli", "harden", str(src_dir), "--remove-layers", "1,9", "--output",
-         str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "e3prune.cli",
+            "harden",
+            str(src_dir),
+            "--remove-layers",
+            "1,9",
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

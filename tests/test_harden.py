@@ -52,10 +52,12 @@ def test_harden_save_reload_matches_masked_view(family, tmp_path, no_partial_dir
         got = reloaded(input_ids=probe, use_cache=False).logits
         with masked_view(source, KEEP):
             want = source(input_ids=probe, use_cache=False).logits
-            want_tokens = source.generate(probe, max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                                          use_cache=False, pad_token_id=0)
-        got_tokens = reloaded.generate(probe, max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                                       use_cache=True, pad_token_id=0)
+            want_tokens = source.generate(
+                probe, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=0
+            )
+        got_tokens = reloaded.generate(
+            probe, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0
+        )
     assert (got.float() - want.float()).abs().max().item() <= 1e-5
     assert torch.equal(got_tokens, want_tokens)
 

@@ -6,9 +6,26 @@ from __future__ import annotations
 import torch
 
 VOCAB = 128
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-SLIDING = ["full_attention", "sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+SLIDING = [
+    "full_attention",
+    "sliding_attention",
+    "sliding_attention",
+    "full_attention",
+    "sliding_attention",
+    "full_attention",
+]
 
 
 def tiny_config(family: str):
@@ -22,10 +39,24 @@ def tiny_config(family: str):
         # max_window_layers=3: layers 0..2 full attention, 3..5 sliding (Qwen2's own rule).
         return t.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=3)
     if family == "qwen3":
-        return t.Qwen3Config(**COMMON, head_dim=8, use_sliding_window=True, sliding_window=8, layer_types=SLIDING, tie_word_embeddings=True)
+        return t.Qwen3Config(
+            **COMMON,
+            head_dim=8,
+            use_sliding_window=True,
+            sliding_window=8,
+            layer_types=SLIDING,
+            tie_word_embeddings=True,
+        )
     if family == "qwen3_moe":
-        return t.Qwen3MoeConfig(**{**COMMON, "intermediate_size": 64}, head_dim=8, num_experts=4, num_experts_per_tok=2,
-                                moe_intermediate_size=16, decoder_sparse_step=2, mlp_only_layers=[3])
+        return t.Qwen3MoeConfig(
+            **{**COMMON, "intermediate_size": 64},
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            decoder_sparse_step=2,
+            mlp_only_layers=[3],
+        )
     if family == "gemma2":
         return t.Gemma2Config(**COMMON, head_dim=8, sliding_window=8)
     if family == "gemma3_text":
