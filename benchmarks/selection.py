@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 import torch
-from e3prune.data import SampleConfig, SourceSpec, load_split, sample_data
 
 from e3prune.checkpoint import load_causal_lm
+from e3prune.data import SampleConfig, SourceSpec, load_split, sample_data
 from e3prune.masking import masked_view
 from e3prune.reference import MODEL_DIR
 from e3prune.search import SearchConfig, search_mask

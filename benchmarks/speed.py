@@ -40,13 +40,19 @@ def prefill_seconds(model, batch: torch.Tensor) -> float:
 
 def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
     """Time of ``new_tokens`` greedy steps with the KV cache, prefill of the prompt excluded."""
+    mask = torch.ones_like(prompt)
     with torch.no_grad():
         t = time.perf_counter()
-        model.generate(prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+        model.generate(prompt, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
         t_first = time.perf_counter() - t
         t = time.perf_counter()
         model.generate(
-            prompt, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False, pad_token_id=0
+            prompt,
+            attention_mask=mask,
+            max_new_tokens=new_tokens + 1,
+            min_new_tokens=new_tokens + 1,
+            do_sample=False,
+            pad_token_id=0,
         )
         return time.perf_counter() - t - t_first
 
@@ -55,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(MODEL_DIR))
     ap.add_argument("--remove-ratio", type=float, default=0.25)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill-batch", type=int, default=8)
     ap.add_argument("--prefill-len", type=int, default=256)
@@ -121,7 +127,7 @@ def main() -> None:
             "# Speed of a hardened model",
             "",
             f"Reference model ({L} layers) with {n_remove} layers removed ({k} kept), fp32, "
-            f"{args.threads} threads, torch {torch.__version__}, {machine}, {torch.get_num_threads()} threads; "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}, {machine}; "
             f"median of {args.repeats} interleaved runs.",
             f"Prefill: batch {args.prefill_batch} × {args.prefill_len} tokens, no cache. Decode: batch "
             f"{args.decode_batch}, prompt {args.decode_prompt}, {args.decode_tokens} greedy tokens with the KV cache "

@@ -81,6 +81,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from e3prune.evaluate import EvaluateConfig, evaluate, summary_markdown
+
+    print(summary_markdown(evaluate(config_from_flags(EvaluateConfig, args))), end="")
+    print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
@@ -104,6 +112,13 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     sel = select_layers(config_from_flags(SelectConfig, args))
     print(f"{sel.method}: remove {sel.removed}, keep {sel.keep} ({sel.seconds:.1f}s); wrote {args.output}")
+    return 0
+
+
+def cmd_config_docs(args: argparse.Namespace) -> int:
+    from e3prune.config_docs import render
+
+    print(render(), end="")
     return 0
 
 
@@ -240,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_harden)
 
     from e3prune.distill import DistillConfig
+    from e3prune.evaluate import EvaluateConfig
     from e3prune.search import SearchConfig
     from e3prune.selection import SelectConfig
     from e3prune.teacher import TeacherLogitsConfig
@@ -250,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="Gumbel-TopK search for the layers to remove (E³, weights frozen)")
     add_config_flags(p, SearchConfig)
     p.set_defaults(func=cmd_search)
+    p = sub.add_parser(
+        "evaluate", help="held-out perplexity, agreement with the teacher, speed and lm-eval tasks of pruned models"
+    )
+    add_config_flags(p, EvaluateConfig)
+    p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser(
         "distill", help="entropy-aware top-K distillation of the hardened student (runs under accelerate)"
     )
@@ -282,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory or s3://bucket/prefix to write (must be new)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("config-docs", help="print the configuration reference (docs/configuration.md)")
+    p.set_defaults(func=cmd_config_docs)
 
     ref = sub.add_parser("reference-model", help="the small model the project ships and trains itself")
     rsub = ref.add_subparsers(dest="action", required=True)

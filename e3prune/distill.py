@@ -116,7 +116,7 @@ class DistillConfig(StepConfig):
     epsilon: float = Field(0.1, gt=0, le=10, description="ε: floor of the entropy weight; confident tokens still count")
     ce_weight: float = Field(1.0, ge=0, le=100, description="λ: weight of the (1 − h)-weighted next-token CE term")
     distill_tokens: int = Field(
-        262_144, ge=1, description="token budget: steps = ceil(tokens / (global batch·seq_len))"
+        131_072, ge=1, description="token budget: steps = ceil(tokens / (global batch·seq_len))"
     )
     allow_repeat: bool = Field(False, description="cycle over the distill split when the budget is larger than it")
     batch_size: int = Field(8, ge=1, le=4096, description="sequences per process per micro-batch")

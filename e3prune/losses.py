@@ -34,8 +34,9 @@ def student_log_buckets(student_logits: torch.Tensor, ids: torch.Tensor) -> torc
 
     student_logits: (B, S, V); ids: (B, S, K) int.
     """
-    log_q = torch.log_softmax(student_logits.float(), dim=-1)  # (B, S, V)
-    log_top = log_q.gather(-1, ids.long())  # (B, S, K)
+    logits = student_logits.float()
+    # log q_i = z_i − logsumexp(z): gathers K values instead of normalising all V (same gradient).
+    log_top = logits.gather(-1, ids.long()) - torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, S, K)
     # log(1 − Σ q_i), computed as log1p(−Σ q_i) with Σ q_i kept below 1 for stability.
     top_mass = torch.exp(torch.logsumexp(log_top, dim=-1, keepdim=True)).clamp_max(1.0 - 1e-7)
     log_tail = torch.log1p(-top_mass)

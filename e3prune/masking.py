@@ -26,18 +26,29 @@ from e3prune.errors import E3PruneError
 
 
 class GatedLayer(nn.Module):
-    """A decoder layer with a gate: ``h + gate · (layer(h) − h)``; ``gate == 0`` skips the layer."""
+    """A decoder layer with a gate: ``h + gate · (layer(h) − h)``; ``gate == 0`` skips the layer.
+
+    ``closed`` marks a tensor gate whose forward value is exactly 0 (a hard-0 layer of the
+    straight-through mask). Its layer is then run without building a graph: with m = 0,
+    ∂out/∂F = m = 0, so no gradient would reach the layer anyway, while ∂out/∂m = F(h) − h and
+    ∂out/∂h = 1 are unchanged. The backward through such layers is skipped exactly.
+    """
 
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
         self.gate: float | torch.Tensor = 1.0
+        self.closed = False
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         gate = self.gate
         if isinstance(gate, (int, float)) and gate == 0:
             return hidden_states
-        out = self.layer(hidden_states, *args, **kwargs)
+        if self.closed and torch.is_tensor(gate):
+            with torch.no_grad():
+                out = self.layer(hidden_states, *args, **kwargs)
+        else:
+            out = self.layer(hidden_states, *args, **kwargs)
         if isinstance(gate, (int, float)) and gate == 1:
             return out
         h = out[0] if isinstance(out, tuple) else out

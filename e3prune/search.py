@@ -57,7 +57,7 @@ class SearchConfig(StepConfig):
     teacher_cache: str = Field(description="output of the teacher-logits step (must include the search split)")
     output: str = Field(description="where to write search.json and trajectory.jsonl")
     remove_ratio: float = Field(0.25, description="fraction of decoder layers to remove, in (0, 1)")
-    search_tokens: int = Field(1_228_800, ge=1, description="token budget of the search (steps × batch × seq_len)")
+    search_tokens: int = Field(614_400, ge=1, description="token budget of the search (steps × batch × seq_len)")
     batch_size: int = Field(8, ge=1, description="sequences per step")
     learning_rate: float = Field(0.05, gt=0, le=10)
     tau_start: float = Field(1.0, gt=0)
@@ -249,7 +249,7 @@ def search_mask(cfg: SearchConfig) -> dict:
             tau = temperature(step, total_steps, cfg.tau_start, cfg.tau_end)
             mask, hard = gumbel_topk_mask(theta, k_t, tau, sample_gumbel(L, gen))
             for l, g in enumerate(gates):
-                g.gate = mask[l]
+                g.gate, g.closed = mask[l], bool(hard[l] == 0)
             logits = model(input_ids=x, use_cache=False).logits
             loss = topk_kl(
                 logits, data["values"][idx].to(device), data["ids"][idx].to(device), data["lse"][idx].to(device)
@@ -259,7 +259,7 @@ def search_mask(cfg: SearchConfig) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            meter.add(x.numel(), 2 * L)  # every layer computed, forward and activation-only backward
+            meter.add(x.numel(), L + k_t)  # every layer forward; activation-only backward through the k_t kept
             trajectory.append(
                 {
                     "step": step,
@@ -288,7 +288,7 @@ def search_mask(cfg: SearchConfig) -> dict:
                     },
                 )
         for g in gates:
-            g.gate = 1.0
+            g.gate, g.closed = 1.0, False
     bar.close()
     search_seconds = seconds_before + time.time() - run_started
 

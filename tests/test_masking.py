@@ -63,3 +63,21 @@ def test_nested_views_are_refused():
         with pytest.raises(E3PruneError):
             with masked_view(model, [0]):
                 pass
+
+
+def test_closed_gate_skips_the_layer_backward_exactly():
+    """A hard-0 gate run without a graph gives the same gradients as the full computation."""
+    model = tiny_model("llama")
+    model.requires_grad_(False)
+    x = torch.randint(0, VOCAB, (2, 8))
+    grads = []
+    for closed in (False, True):
+        with gated_layers(model) as gates:
+            m = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0], requires_grad=True)
+            soft = torch.sigmoid(torch.linspace(-1, 1, 6, requires_grad=False) + m)  # any differentiable path
+            st = m.detach() + (soft - soft.detach())
+            for i, g in enumerate(gates):
+                g.gate, g.closed = st[i], closed and m[i].item() == 0
+            model(x).logits.pow(2).mean().backward()
+            grads.append(m.grad.clone())
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7) and grads[0].abs().sum() > 0
