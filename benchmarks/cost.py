@@ -67,7 +67,9 @@ def main() -> None:
         mask, hard = gumbel_topk_mask(theta, k, 0.5, sample_gumbel(L, gen))
         for l, g in enumerate(gates):
             g.gate, g.closed = mask[l], bool(hard[l] == 0)
-        loss = topk_kl(model(input_ids=x, use_cache=False).logits, cached["values"], cached["ids"], cached["lse"]).mean()
+        loss = topk_kl(
+            model(input_ids=x, use_cache=False).logits, cached["values"], cached["ids"], cached["lse"]
+        ).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -76,8 +78,12 @@ def main() -> None:
     start_name, end_name = f"search step, k_t = {L - 1} (curriculum start)", f"search step, k_t = {k_end} (final)"
     times = {"plain forward": [], "teacher cache": [], start_name: [], end_name: []}
     with gated_layers(model) as gates:
-        fns = {"plain forward": plain, "teacher cache": cache, start_name: lambda: search_step(L - 1),
-               end_name: lambda: search_step(k_end)}
+        fns = {
+            "plain forward": plain,
+            "teacher cache": cache,
+            start_name: lambda: search_step(L - 1),
+            end_name: lambda: search_step(k_end),
+        }
         for fn in fns.values():  # warm-up
             for g in gates:
                 g.gate, g.closed = 1.0, False
@@ -127,9 +133,9 @@ def main() -> None:
             *rows,
             "",
             f"- Search step / plain forward: **{med[start_name] / med['plain forward']:.2f}×** at the curriculum start, "
-        f"**{med[end_name] / med['plain forward']:.2f}×** at the final k (target ≤ 2.5×); a hard-0 layer is run "
-        "without a graph (its backward is exactly zero), so a step gets cheaper as k_t falls.",
-        f"- Teacher cache throughput / plain forward: **{med['plain forward'] / med['teacher cache']:.1%}** (target ≥ 90 %).",
+            f"**{med[end_name] / med['plain forward']:.2f}×** at the final k (target ≤ 2.5×); a hard-0 layer is run "
+            "without a graph (its backward is exactly zero), so a step gets cheaper as k_t falls.",
+            f"- Teacher cache throughput / plain forward: **{med['plain forward'] / med['teacher cache']:.1%}** (target ≥ 90 %).",
             f"- Cache size: {bytes_logits} bytes a token of logits (K = {args.top_k}: values bf16, ids int32, lse fp32) "
             f"+ 4 bytes of token ids; on disk {shard_bytes / cached_tokens:.1f} bytes a token including the safetensors "
             f"headers ({cached_tokens:,} tokens). The whole teacher-logits step, I/O included, ran at {step_tps:,.0f} tokens/s.",

@@ -60,9 +60,7 @@ def prepare(args) -> tuple[Path, Path, Path, dict]:
     found = json.loads((search / "search.json").read_text())
     if not (pruned / "pruning.json").is_file():
         harden_checkpoint(
-            HardenConfig(
-                model=str(MODEL_DIR), output=str(pruned), keep_layers=found["keep"], method="e3_gumbel_topk"
-            )
+            HardenConfig(model=str(MODEL_DIR), output=str(pruned), keep_layers=found["keep"], method="e3_gumbel_topk")
         )
     return data, cache, pruned, found
 
@@ -89,7 +87,9 @@ def main() -> None:
     data, cache, pruned, found = prepare(args)
 
     base = evaluate(
-        EvaluateConfig(pruned=str(pruned), data=str(data), speed=False, output=str(WORK / "eval-pruned"), overwrite=True)
+        EvaluateConfig(
+            pruned=str(pruned), data=str(data), speed=False, output=str(WORK / "eval-pruned"), overwrite=True
+        )
     )
     t_ppl = base["models"]["teacher"]["perplexity"]
     p_ppl = base["models"]["pruned"]["perplexity"]
@@ -112,7 +112,10 @@ def main() -> None:
             seconds = time.time() - t0
             m = evaluate(
                 EvaluateConfig(
-                    student=str(out), data=str(data), speed=False, output=str(WORK / f"eval-{loss}-{budget}"),
+                    student=str(out),
+                    data=str(data),
+                    speed=False,
+                    output=str(WORK / f"eval-{loss}-{budget}"),
                     overwrite=True,
                 )
             )
@@ -135,8 +138,21 @@ def main() -> None:
     rss = {}
     for loss in ("entropy_kd", "ce"):
         cmd = [
-            sys.executable, "-m", "e3prune.cli", "distill", "--student", str(pruned), "--teacher-cache", str(cache),
-            "--output", str(WORK / f"rss-{loss}"), "--loss", loss, "--distill-tokens", "32768", "--overwrite",
+            sys.executable,
+            "-m",
+            "e3prune.cli",
+            "distill",
+            "--student",
+            str(pruned),
+            "--teacher-cache",
+            str(cache),
+            "--output",
+            str(WORK / f"rss-{loss}"),
+            "--loss",
+            loss,
+            "--distill-tokens",
+            "32768",
+            "--overwrite",
         ]
         rss[loss] = peak_rss_mib(cmd)
 
@@ -158,7 +174,9 @@ def main() -> None:
         best_agree = max(r["top1_agreement"] for r in group)
         for r in group:
             ppl = f"**{r['ppl']:.2f}**" if r["ppl"] == best_ppl else f"{r['ppl']:.2f}"
-            agree = f"**{r['top1_agreement']:.4f}**" if r["top1_agreement"] == best_agree else f"{r['top1_agreement']:.4f}"
+            agree = (
+                f"**{r['top1_agreement']:.4f}**" if r["top1_agreement"] == best_agree else f"{r['top1_agreement']:.4f}"
+            )
             lines.append(
                 f"| {budget:,} | {r['loss']} | {ppl} | {100 * r['gap_closed']:.1f} % | {agree} | {r['kl']:.4f} | "
                 f"{r['seconds']:.0f} |"
@@ -176,8 +194,9 @@ def main() -> None:
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "recovery.md").write_text(text)
     (HERE / "results" / "recovery.json").write_text(
-        json.dumps({"args": vars(args), "teacher_ppl": t_ppl, "pruned_ppl": p_ppl, "rows": rows, "peak_rss_mib": rss},
-                   indent=1)
+        json.dumps(
+            {"args": vars(args), "teacher_ppl": t_ppl, "pruned_ppl": p_ppl, "rows": rows, "peak_rss_mib": rss}, indent=1
+        )
     )
     print(text)
 

@@ -54,8 +54,14 @@ def render() -> str:
         "",
     ]
     for step, path, cls in _steps():
-        lines += [f"## {step} (`{path}`)", "", (cls.__doc__ or "").strip().splitlines()[0], "",
-                  "| field | type | default | meaning |", "|---|---|---|---|"]
+        lines += [
+            f"## {step} (`{path}`)",
+            "",
+            (cls.__doc__ or "").strip().splitlines()[0],
+            "",
+            "| field | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
         for name, field in cls.model_fields.items():
             if field.is_required():
                 default = "required"
