@@ -36,7 +36,7 @@ from e3prune.data import SampleConfig, SourceSpec, load_split, sample_data
 from e3prune.masking import masked_view
 from e3prune.reference import MODEL_DIR
 from e3prune.search import SearchConfig, search_mask
-from e3prune.selection import SELECTORS, Calibration, n_remove_for
+from e3prune.selection import SELECTORS, Calibration, masked_loss, n_remove_for
 from e3prune.teacher import TeacherLogitsConfig, TeacherTopK, teacher_logits
 
 HERE = Path(__file__).resolve().parent
@@ -63,7 +63,7 @@ def small_model() -> Path:
 
     path = CACHE / "reference-12L"
     if not (path / "model.safetensors").is_file():
-        build_reference_model(ReferenceModelConfig(num_layers=12), path)
+        build_reference_model(ReferenceModelConfig(num_layers=12, threads=1), path)
     return path
 
 
@@ -95,39 +95,61 @@ def run(model_dir: Path, ratios: list[float], args, exhaustive: bool) -> list[di
     search = cache.load("search")
     calib = Calibration.from_batch(search, args.calibration_sequences)
     full = Calibration.from_batch(search)
-    rows = [
-        {
-            "ratio": 0.0,
-            "method": "none (teacher)",
-            "removed": [],
-            "ppl": heldout_ppl(model, eval_ids, list(range(L))),
-            "seconds": 0.0,
-            "tokens": 0,
-            "layer_tokens": 0,
+    previous = {}
+    if args.reuse_baselines:
+        for r in json.loads((HERE / "results" / f"{args.name}.json").read_text())["rows"]:
+            previous[(r["ratio"], r["method"])] = r
+
+    def row(ratio: float, method: str, keep: list[int], removed: list[int], **extra) -> dict:
+        r = {
+            "ratio": ratio,
+            "method": method,
+            "removed": removed,
+            "ppl": heldout_ppl(model, eval_ids, keep),
+            "search_kl": masked_loss(model, full, keep, "kl", 16),
+            **extra,
         }
-    ]
+        print(r, flush=True)
+        return r
+
+    rows = [row(0.0, "none (teacher)", list(range(L)), [], seconds=0.0, tokens=0, layer_tokens=0)]
     for ratio in ratios:
         n = n_remove_for(ratio, L)
         methods = ["last", "random", "block_influence", "angular", "kl_oneshot", "sleb"]
         if exhaustive:
             methods.append("exhaustive")
         for method in methods:
-            opts = {"seed": 0}
+            if (ratio, method) in previous:
+                old = previous[(ratio, method)]
+                removed = old["removed"]
+                keep = [i for i in range(L) if i not in removed]
+                rows.append(
+                    row(
+                        ratio,
+                        method,
+                        keep,
+                        removed,
+                        seconds=old["seconds"],
+                        tokens=old["tokens"],
+                        layer_tokens=old["layer_tokens"],
+                        reused=True,
+                    )
+                )
+                continue
             use = full if method == "exhaustive" else calib
-            sel = SELECTORS[method](model, use, n, **opts)
+            sel = SELECTORS[method](model, use, n, seed=0)
             tokens = 0 if method in ("last", "random") else use.tokens
             rows.append(
-                {
-                    "ratio": ratio,
-                    "method": method,
-                    "removed": sel.removed,
-                    "ppl": heldout_ppl(model, eval_ids, sel.keep),
-                    "seconds": sel.seconds,
-                    "tokens": tokens,
-                    "layer_tokens": sel.layer_tokens,
-                }
+                row(
+                    ratio,
+                    method,
+                    sel.keep,
+                    sel.removed,
+                    seconds=sel.seconds,
+                    tokens=tokens,
+                    layer_tokens=sel.layer_tokens,
+                )
             )
-            print(rows[-1], flush=True)
         out = work / f"search-{ratio}"
         res = search_mask(
             SearchConfig(
@@ -141,18 +163,17 @@ def run(model_dir: Path, ratios: list[float], args, exhaustive: bool) -> list[di
             )
         )
         rows.append(
-            {
-                "ratio": ratio,
-                "method": "e3 (Gumbel-TopK search)",
-                "removed": res["removed"],
-                "ppl": heldout_ppl(model, eval_ids, res["keep"]),
-                "seconds": res["seconds"],
-                "tokens": res["search_tokens"] + args.calibration_sequences * cache.seq_len,
-                "layer_tokens": res["layer_tokens"],
-                "chosen_from": res["chosen_from"],
-            }
+            row(
+                ratio,
+                "e3 (Gumbel-TopK search)",
+                res["keep"],
+                res["removed"],
+                seconds=res["seconds"],
+                tokens=res["search_tokens"] + res["config"]["init_sequences"] * cache.seq_len,
+                layer_tokens=res["layer_tokens"],
+                chosen_from=res["chosen_from"],
+            )
         )
-        print(rows[-1], flush=True)
     return rows
 
 
@@ -166,8 +187,12 @@ def render(rows: list[dict], title: str, args, model_dir: Path) -> str:
         f"{args.e3_tokens:,} search-split tokens, seed {args.seed}, default `SearchConfig`.",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
         "",
-        "| removed | method | layers removed | held-out ppl | wall s | tokens read | layer-tokens |",
-        "|---|---|---|---|---|---|---|",
+        "Search-split KL: mean KL(teacher top-10 ‖ pruned) over the whole search split, the objective every",
+        "KL-based selector optimises (the only signal used to choose a setting). Baseline wall times marked *",
+        "come from an earlier run of this script on the same machine (their choices are deterministic).",
+        "",
+        "| removed | method | layers removed | held-out ppl | search-split KL | wall s | tokens read | layer-tokens |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for ratio in sorted({r["ratio"] for r in rows}):
         group = [r for r in rows if r["ratio"] == ratio]
@@ -175,7 +200,8 @@ def render(rows: list[dict], title: str, args, model_dir: Path) -> str:
         for r in group:
             ppl = f"**{r['ppl']:.2f}**" if r["ppl"] == best and ratio > 0 else f"{r['ppl']:.2f}"
             lines.append(
-                f"| {ratio:.0%} | {r['method']} | {r['removed']} | {ppl} | {r['seconds']:.1f} | "
+                f"| {ratio:.0%} | {r['method']} | {r['removed']} | {ppl} | {r['search_kl']:.4f} | "
+                f"{r['seconds']:.1f}{'*' if r.get('reused') else ''} | "
                 f"{r['tokens']:,} | {r['layer_tokens']:,} |"
             )
     return "\n".join(lines) + "\n"
@@ -191,13 +217,20 @@ def main() -> None:
     ap.add_argument("--e3-tokens", type=int, default=SearchConfig.model_fields["search_tokens"].default)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--reuse-baselines",
+        action="store_true",
+        help="take the baselines' choices, times and costs from the last results file (they are deterministic); "
+        "recompute their perplexity and search-split KL, and rerun only the E³ search",
+    )
     args = ap.parse_args()
+    args.name = "selection-12L" if args.small else "selection"
     torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
     model_dir = small_model() if args.small else MODEL_DIR
     started = time.time()
     rows = run(model_dir, ratios, args, exhaustive=args.small)
-    name = "selection-12L" if args.small else "selection"
+    name = args.name
     title = "Layer selection, 12-layer variant (with the exhaustive optimum)" if args.small else "Layer selection"
     text = (
         render(rows, title, args, model_dir) + f"\nTotal benchmark time {time.time() - started:.0f} s. "

@@ -60,6 +60,9 @@ class SearchConfig(StepConfig):
     search_tokens: int = Field(614_400, ge=1, description="token budget of the search (steps × batch × seq_len)")
     batch_size: int = Field(8, ge=1, description="sequences per step")
     learning_rate: float = Field(0.05, gt=0, le=10)
+    optimizer: Literal["shared_adam", "adam"] = Field(
+        "shared_adam", description="shared_adam: one scale for all keep-logits (see SharedScaleAdam); adam: per-logit"
+    )
     tau_start: float = Field(1.0, gt=0)
     tau_end: float = Field(0.05, gt=0)
     curriculum: bool = True
@@ -128,6 +131,46 @@ def sample_gumbel(n: int, generator: torch.Generator) -> torch.Tensor:
     return (-torch.log(-torch.log(u))).float()
 
 
+class SharedScaleAdam(torch.optim.Optimizer):
+    """Adam on the centred gradient with one second moment for the whole of θ [ours].
+
+    Per-coordinate Adam moves every keep-logit by about lr a step whatever the size of its
+    gradient. When most layers' gradients say "keep me", they all rise together and the ranking
+    freezes, and a layer whose straight-through gradient is briefly wrong can sink past many
+    others: on the reference model at 40 % it removed layer 0, the one whose removal costs the
+    most (benchmarks/results/selection.md). Top-k and the soft mask do not change when a constant
+    is added to θ, so the gradient's mean carries nothing and is removed; one scale for all layers
+    keeps their relative sizes.
+
+        g = ∇θ − mean(∇θ);  m ← β₁m + (1 − β₁)g;  v ← β₂v + (1 − β₂)·mean(g²)
+        θ ← θ − lr · m̂ / (√v̂ + ε)
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad - p.grad.mean()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros((), dtype=p.dtype)
+                state["step"] += 1
+                t = state["step"]
+                state["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).add_((g * g).mean(), alpha=1 - beta2)
+                m_hat = state["exp_avg"] / (1 - beta1**t)
+                v_hat = state["exp_avg_sq"] / (1 - beta2**t)
+                p.sub_(group["lr"] * m_hat / (v_hat.sqrt() + group["eps"]))
+
+
 def _state_dir(cfg: SearchConfig) -> Path:
     if cfg.state:
         return Path(cfg.state)
@@ -143,10 +186,19 @@ def _save_state(path: Path, state: dict) -> None:
     os.replace(tmp, path / "search_state.pt")  # atomic: a kill mid-write leaves the previous state
 
 
-def final_candidates(theta: torch.Tensor, k: int, recent_masks: list[tuple[int, ...]], swaps: int) -> list[dict]:
-    """Candidate keep-sets: top-k of θ, frequent recent hard masks, and boundary swaps of θ."""
+def final_candidates(
+    theta: torch.Tensor, k: int, recent_masks: list[tuple[int, ...]], swaps: int,
+    earlier_thetas: list[tuple[str, torch.Tensor]] = (),
+) -> list[dict]:
+    """Candidate keep-sets: top-k of θ, frequent recent hard masks, boundary swaps of θ, and the
+    top-k of earlier θ (the KL initialisation and points along the search), so that the search
+    can never end worse, on its own objective, than where it started."""
+
+    def topk(t: torch.Tensor) -> tuple[int, ...]:
+        return tuple(sorted(torch.argsort(t, descending=True)[:k].tolist()))
+
     order = torch.argsort(theta, descending=True).tolist()
-    top = tuple(sorted(order[:k]))
+    top = topk(theta)
     cands = [{"source": "topk_theta", "keep": top}]
     for mask, count in Counter(recent_masks).most_common(3):
         cands.append({"source": f"frequent_mask x{count}", "keep": mask})
@@ -155,6 +207,8 @@ def final_candidates(theta: torch.Tensor, k: int, recent_masks: list[tuple[int, 
     for a in kept_weakest:
         for b in removed_strongest:
             cands.append({"source": f"swap {a}->{b}", "keep": tuple(sorted((set(top) - {a}) | {b}))})
+    for name, t in earlier_thetas:
+        cands.append({"source": f"topk_theta@{name}", "keep": topk(t)})
     unique, seen = [], set()
     for c in cands:
         if c["keep"] not in seen:
@@ -223,12 +277,14 @@ def search_mask(cfg: SearchConfig) -> dict:
             "order": torch.randperm(n_seq, generator=gen),
             "trajectory": [],
             "init_scores": init_scores,
+            "init_theta": theta0.float().tolist(),
             "layer_tokens": meter.layer_tokens,
             "seconds": time.time() - started,
         }
 
     theta = torch.nn.Parameter(state["theta"].clone())
-    opt = torch.optim.Adam([theta], lr=cfg.learning_rate)
+    opt_cls = SharedScaleAdam if cfg.optimizer == "shared_adam" else torch.optim.Adam
+    opt = opt_cls([theta], lr=cfg.learning_rate)
     if state["optimizer"] is not None:
         opt.load_state_dict(state["optimizer"])
     gen = torch.Generator()
@@ -301,7 +357,11 @@ def search_mask(cfg: SearchConfig) -> dict:
             if t["k"] == k
         ]
         calib = Calibration.from_batch(data, min(cfg.final_sequences, n_seq))
-        for cand in final_candidates(final_theta, k, window, cfg.final_swaps):
+        earlier = [("init", torch.tensor(state["init_theta"]))] + [
+            (f"step{trajectory[i]['step']}", torch.tensor(trajectory[i]["theta"]))
+            for i in (len(trajectory) // 4, len(trajectory) // 2, 3 * len(trajectory) // 4)
+        ]
+        for cand in final_candidates(final_theta, k, window, cfg.final_swaps, earlier):
             cand["kl"] = masked_loss(model, calib, cand["keep"], "kl", cfg.batch_size, meter)
             candidates.append(cand)
         best = min(candidates, key=lambda c: c["kl"])

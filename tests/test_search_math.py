@@ -77,3 +77,28 @@ def test_gumbel_noise_is_standard_gumbel():
     g = sample_gumbel(200_000, torch.Generator().manual_seed(0))
     assert abs(g.mean().item() - 0.5772) < 0.01  # Euler–Mascheroni
     assert abs(g.var().item() - math.pi**2 / 6) < 0.03
+
+
+def test_shared_scale_adam_keeps_relative_sizes_and_ignores_the_mean():
+    from e3prune.search import SharedScaleAdam
+
+    def run(grad: torch.Tensor) -> torch.Tensor:
+        theta = torch.nn.Parameter(torch.zeros(4))
+        opt = SharedScaleAdam([theta], lr=0.1)
+        for _ in range(3):
+            theta.grad = grad.clone()
+            opt.step()
+        return theta.detach()
+
+    g = torch.tensor([4.0, 1.0, -1.0, -4.0])
+    moved = run(g)
+    # one scale for all: the step is proportional to the centred gradient, not its sign
+    assert torch.allclose(moved / moved[0], torch.tensor([1.0, 0.25, -0.25, -1.0]), atol=1e-6)
+    # adding a constant to every gradient (it would shift every θ alike) changes nothing
+    assert torch.allclose(run(g + 7.0), moved, atol=1e-6)
+    # per-coordinate Adam, by contrast, moves every coordinate by about lr whatever its size
+    theta = torch.nn.Parameter(torch.zeros(4))
+    adam = torch.optim.Adam([theta], lr=0.1)
+    theta.grad = g.clone()
+    adam.step()
+    assert torch.allclose(theta.detach().abs(), torch.full((4,), 0.1), atol=1e-6)
