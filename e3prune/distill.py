@@ -99,8 +99,10 @@ NOT_RESUME_RELEVANT = {"output", "overwrite", "checkpoint_dir", "checkpoint_ever
 class DistillConfig(StepConfig):
     """What ``e3prune distill`` takes.
 
-    Defaults: λ = 1 with γ = 1, ε = 0.1 won METHOD.md's probe (CE 50.41, plain KD 50.98, entropy-
-    aware λ = 1 50.36 held-out perplexity); the recovery benchmark decides for good. The learning
+    Default loss: plain top-K KD (``kd``). The recovery benchmark (benchmarks/results/recovery.md)
+    found it best at both budgets on held-out perplexity *and* agreement, and on the search split
+    too; the entropy-aware loss (γ = 1, ε = 0.1, λ = 1, METHOD.md's probe winner) came second and
+    CE-only last. γ, ε, λ apply when ``loss="entropy_kd"``. The learning
     rate, 3e-4, is a tenth of the reference model's pretraining peak (3e-3): recovery starts from
     trained weights and must not wash them out; for multi-billion-parameter students use ~1e-5.
     No weight decay by default: a short recovery run should pull the weights toward the teacher,
@@ -111,7 +113,7 @@ class DistillConfig(StepConfig):
     student: str = Field(description="hardened checkpoint directory (the output of the harden step)")
     teacher_cache: str = Field(description="output of the teacher-logits step (must include the distill split)")
     output: str = Field(description="where to write the distilled checkpoint (local directory or s3:// URI)")
-    loss: LossKind = Field("entropy_kd", description="entropy_kd (Stage 5), kd (γ=0, λ=0) or ce (next-token CE only)")
+    loss: LossKind = Field("kd", description="kd (plain top-K KD, best measured), entropy_kd (Stage 5) or ce (CE only)")
     gamma: float = Field(1.0, ge=0, le=10, description="γ: exponent of the entropy weight (ε + h)^γ")
     epsilon: float = Field(0.1, gt=0, le=10, description="ε: floor of the entropy weight; confident tokens still count")
     ce_weight: float = Field(1.0, ge=0, le=100, description="λ: weight of the (1 − h)-weighted next-token CE term")

@@ -138,6 +138,7 @@ def test_distillation_reduces_the_loss_and_writes_a_loadable_checkpoint(tiny_stu
             tiny_student,
             tiny_cache,
             tmp / "out",
+            loss="entropy_kd",
             distill_tokens=SEQ * 8 * 16,
             batch_size=8,
             allow_repeat=True,
