@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+from tiny_models import save_tiny_qwen3_with_reference_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from e3prune.data import SampleConfig, SourceSpec, sample_data
 from e3prune.distill import DistillConfig, distill, distill_loss, lr_factor, plan_steps
@@ -34,29 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_teacher(tmp_path_factory, reference_dir):
     """6-layer Qwen3 with the reference vocabulary, its embeddings scaled up so that its top-K
     holds real probability mass (a flat teacher would make every KL near zero)."""
-    tok = AutoTokenizer.from_pretrained(reference_dir)
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(
-        Qwen3Config(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=64,
-            tie_word_embeddings=True,
-        )
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-        model.model.embed_tokens.weight.mul_(3.0)
     d = tmp_path_factory.mktemp("teacher") / "model"
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_qwen3_with_reference_tokenizer(d, reference_dir, embed_scale=3.0)
 
 
 @pytest.fixture(scope="module")

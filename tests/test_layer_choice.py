@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+from tiny_models import save_tiny_qwen3_with_reference_tokenizer
 
 from e3prune.data import SampleConfig, SourceSpec, sample_data
 from e3prune.errors import E3PruneError
@@ -26,31 +26,8 @@ IDENTITY_LAYERS = [3, 4]  # made exact identities: every sensible selector must 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory, reference_dir):
     """6-layer Qwen3 with the reference vocabulary; layers 3 and 4 write nothing to the residual."""
-    tok = AutoTokenizer.from_pretrained(reference_dir)
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(
-        Qwen3Config(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=64,
-            tie_word_embeddings=True,
-        )
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-        for l in IDENTITY_LAYERS:
-            model.model.layers[l].self_attn.o_proj.weight.zero_()
-            model.model.layers[l].mlp.down_proj.weight.zero_()
     d = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_qwen3_with_reference_tokenizer(d, reference_dir, identity_layers=tuple(IDENTITY_LAYERS))
 
 
 @pytest.fixture(scope="module")

@@ -80,3 +80,41 @@ def tiny_model(family: str, seed: int = 0):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model
+
+
+def save_tiny_qwen3_with_reference_tokenizer(
+    out_dir, reference_dir, *, embed_scale: float = 1.0, identity_layers: tuple[int, ...] = ()
+):
+    """A 6-layer Qwen3 with the reference vocabulary and tokenizer, saved to ``out_dir``.
+
+    ``embed_scale`` > 1 sharpens its distributions (a flat teacher makes every KL near zero);
+    ``identity_layers`` write nothing to the residual stream, so every sensible selector must
+    remove them. Data, caches and steps then run on it exactly as on a real checkpoint.
+    """
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(reference_dir)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        model.model.embed_tokens.weight.mul_(embed_scale)
+        for l in identity_layers:
+            model.model.layers[l].self_attn.o_proj.weight.zero_()
+            model.model.layers[l].mlp.down_proj.weight.zero_()
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
