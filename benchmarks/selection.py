@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -234,7 +235,7 @@ def main() -> None:
     title = "Layer selection, 12-layer variant (with the exhaustive optimum)" if args.small else "Layer selection"
     text = (
         render(rows, title, args, model_dir) + f"\nTotal benchmark time {time.time() - started:.0f} s. "
-        f"Command: `python benchmarks/selection.py{' --small' if args.small else ''}`\n"
+        f"Command: `python benchmarks/selection.py {' '.join(sys.argv[1:])}`\n"
     )
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / f"{name}.md").write_text(text)
