@@ -125,10 +125,12 @@ def verify_hardened(
     """
     device = next(source.parameters()).device
     probe = probe.to(device)
+    mask = torch.ones_like(probe)  # no padding in the probe; said explicitly so generate does not guess
     with masked_view(source, keep):
         want = source(input_ids=probe, use_cache=False).logits.float()
         want_tokens = source.generate(
             probe,
+            attention_mask=mask,
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
@@ -137,7 +139,13 @@ def verify_hardened(
         )
     got = hardened(input_ids=probe, use_cache=False).logits.float()
     got_tokens = hardened.generate(
-        probe, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0
+        probe,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=0,
     )
     return Verification(
         max_abs_logit_diff=(want - got).abs().max().item(),
