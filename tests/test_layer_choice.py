@@ -174,7 +174,9 @@ def _search_cfg(tiny_lm, tiny_cache, out, **kw):
 
 def test_search_finds_the_identity_layers_from_a_neutral_start(tiny_lm, tiny_cache, tmp_path):
     # init="zeros": the KL initialisation alone would already rank the identity layers last.
-    res = search_mask(_search_cfg(tiny_lm, tiny_cache, tmp_path / "s", init="zeros", final_selection=False))
+    res = search_mask(
+        _search_cfg(tiny_lm, tiny_cache, tmp_path / "s", init="zeros", final_selection=False, curriculum=True)
+    )
     assert res["removed"] == IDENTITY_LAYERS
     assert res["steps"] == 40 and res["search_tokens"] == 40 * 4 * SEQ
     traj = [json.loads(line) for line in (tmp_path / "s" / "trajectory.jsonl").read_text().splitlines()]
