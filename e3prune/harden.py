@@ -114,6 +114,19 @@ def probe_batch(vocab_size: int, batch: int = 2, length: int = 24, seed: int = 0
     return torch.randint(0, vocab_size, (batch, length), generator=gen)
 
 
+def greedy_tokens(model: nn.Module, probe: torch.Tensor, new_tokens: int, use_cache: bool) -> torch.Tensor:
+    """Exactly ``new_tokens`` greedy tokens after ``probe`` (no padding; EOS does not stop early)."""
+    return model.generate(
+        probe,
+        attention_mask=torch.ones_like(probe),  # said explicitly so generate does not guess
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=use_cache,
+        pad_token_id=0,
+    )
+
+
 @torch.no_grad()
 def verify_hardened(
     source: nn.Module, hardened: nn.Module, keep: Sequence[int], probe: torch.Tensor, new_tokens: int = 8
@@ -123,30 +136,12 @@ def verify_hardened(
     Logits are compared in fp32 on a full-sequence forward; generation is greedy, the hardened
     model *with* its KV cache and the masked view without one (see masking.py for why).
     """
-    device = next(source.parameters()).device
-    probe = probe.to(device)
-    mask = torch.ones_like(probe)  # no padding in the probe; said explicitly so generate does not guess
+    probe = probe.to(next(source.parameters()).device)
     with masked_view(source, keep):
         want = source(input_ids=probe, use_cache=False).logits.float()
-        want_tokens = source.generate(
-            probe,
-            attention_mask=mask,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            use_cache=False,
-            pad_token_id=0,
-        )
+        want_tokens = greedy_tokens(source, probe, new_tokens, use_cache=False)
     got = hardened(input_ids=probe, use_cache=False).logits.float()
-    got_tokens = hardened.generate(
-        probe,
-        attention_mask=mask,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        use_cache=True,
-        pad_token_id=0,
-    )
+    got_tokens = greedy_tokens(hardened, probe, new_tokens, use_cache=True)
     return Verification(
         max_abs_logit_diff=(want - got).abs().max().item(),
         greedy_tokens_match=bool(torch.equal(want_tokens, got_tokens)),
