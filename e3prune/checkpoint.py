@@ -25,7 +25,15 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, 
 
 
 def model_dir(path: str | os.PathLike, field: str = "model") -> Path:
-    """``path`` as a checkpoint directory, or an error that says what is wrong with it."""
+    """``path`` as a local checkpoint directory, or an error that says what is wrong with it.
+
+    An ``s3://`` URI written by a step (harden, distill, export) is downloaded once into the
+    verified cache (:func:`e3prune.storage.input_dir`), so every step reads checkpoints by URI.
+    """
+    if str(path).startswith("s3://"):
+        from e3prune import storage  # storage imports this module; import on use
+
+        path = storage.input_dir(str(path), field)
     p = Path(path)
     if not p.exists():
         raise E3PruneError(f"{p} does not exist; give a directory written by save_pretrained", field=field)
@@ -54,6 +62,7 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "auto", field: str = "m
     from transformers import AutoModelForCausalLM
 
     load_config(path, field)
+    path = model_dir(path, field)  # the local copy of an s3:// checkpoint
     if dtype not in DTYPES:
         raise E3PruneError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}", field="dtype")
     try:
@@ -67,7 +76,7 @@ def load_tokenizer(path: str | os.PathLike):
     """The checkpoint's tokenizer, or ``None`` when the directory has none."""
     from transformers import AutoTokenizer
 
-    p = Path(path)
+    p = model_dir(path, "model") if str(path).startswith("s3://") else Path(path)
     if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     return AutoTokenizer.from_pretrained(p, trust_remote_code=False)

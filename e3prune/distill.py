@@ -76,7 +76,7 @@ from tqdm.auto import tqdm
 
 from e3prune import storage
 from e3prune.adapters import get_adapter
-from e3prune.checkpoint import load_causal_lm, load_config, load_tokenizer
+from e3prune.checkpoint import load_causal_lm, load_config, load_tokenizer, model_dir
 from e3prune.config import StepConfig
 from e3prune.data import tokenizer_fingerprint
 from e3prune.errors import E3PruneError
@@ -731,7 +731,7 @@ def _write_output(
             inputs.tokenizer.save_pretrained(out)
             (out / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
             (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-            source_pruning = Path(cfg.student) / PRUNING_FILE
+            source_pruning = model_dir(cfg.student, "student") / PRUNING_FILE
             if source_pruning.is_file():
                 pruning = json.loads(source_pruning.read_text())
                 pruning["distillation"] = {k: v for k, v in summary.items() if k != "config"}

@@ -18,16 +18,15 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from e3prune import __version__
+from e3prune import __version__, storage
 from e3prune.adapters import get_adapter
-from e3prune.checkpoint import DTYPES, check_output_dir, load_causal_lm, load_config, load_tokenizer, staged_output_dir
+from e3prune.checkpoint import DTYPES, load_causal_lm, load_config, load_tokenizer
 from e3prune.config import StepConfig
 from e3prune.errors import E3PruneError
 from e3prune.masking import keep_from_removed, masked_view, validate_keep
@@ -154,7 +153,7 @@ class HardenConfig(StepConfig):
     """What ``e3prune harden`` takes. Give exactly one of ``keep_layers`` / ``remove_layers``."""
 
     model: str = Field(description="source checkpoint directory (save_pretrained layout)")
-    output: str = Field(description="directory to write the pruned checkpoint to")
+    output: str = Field(description="where to write the pruned checkpoint (local directory or s3:// URI)")
     keep_layers: list[int] | None = Field(None, description="decoder layer ids to keep (0-based)")
     remove_layers: list[int] | None = Field(None, description="decoder layer ids to remove (0-based)")
     revision: str | None = Field(None, description="source revision recorded in pruning.json")
@@ -181,7 +180,7 @@ class HardenConfig(StepConfig):
 
 @dataclass(frozen=True)
 class HardenResult:
-    output: Path
+    output: str
     kept_layers: list[int]
     removed_layers: list[int]
     verification: Verification | None
@@ -199,7 +198,7 @@ def harden_checkpoint(cfg: HardenConfig) -> HardenResult:
     config = load_config(cfg.model)  # path and architecture checked before any weights load
     num_layers = config.num_hidden_layers
     keep = resolve_keep(cfg, num_layers)
-    check_output_dir(cfg.output, cfg.overwrite)
+    storage.check_output(cfg.output, cfg.overwrite)
     removed = [i for i in range(num_layers) if i not in set(keep)]
 
     started = time.time()
@@ -234,10 +233,10 @@ def harden_checkpoint(cfg: HardenConfig) -> HardenResult:
         "e3prune_version": __version__,
         **cfg.metadata,
     }
-    with staged_output_dir(cfg.output, cfg.overwrite) as tmp:
+    with storage.output_dir(cfg.output, cfg.overwrite) as tmp:
         hardened.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / PRUNING_FILE).write_text(json.dumps(pruning, indent=2) + "\n")
     log.info("hardened %d -> %d layers in %.1fs: %s", num_layers, len(keep), time.time() - started, cfg.output)
-    return HardenResult(Path(cfg.output), keep, removed, verification, pruning)
+    return HardenResult(cfg.output, keep, removed, verification, pruning)
