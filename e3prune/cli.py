@@ -227,9 +227,150 @@ def cmd_reference_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from e3prune.run_config import RunConfig
+    from e3prune_pipelines.local_run import run_local  # imports kfp: only when asked
+
+    params = {k: v for k, v in vars(args).items() if k in RunConfig.model_fields and v is not None}
+    print(f"e3-pruner: running the pipeline locally (kfp.local) into {Path(args.output).resolve()}", flush=True)
+    result = run_local(params, args.output)
+    print()
+    print(result["summary"])
+    print(f"Finished in {result['seconds'] / 60:.1f} min.")
+    print(f"- step outputs (KFP): {result['kfp_outputs']}")
+    print(f"- data and models:    {result['storage_prefix']}")
+    print(
+        f"- MLflow:             {result['tracking_uri']}  (browse: mlflow ui --backend-store-uri {result['tracking_uri']})"
+    )
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from e3prune_pipelines.compile import main as compile_main  # imports kfp: only when asked
+
+    return compile_main(["--check"] if args.check else [])
+
+
 def cmd_reference_path(args: argparse.Namespace) -> int:
     print(default_model())
     return 0
+
+
+PROMOTE_REJECTED_EXIT = 3  # distinct from 2 (a user error), so a pipeline can tell "rejected" from "broken"
+
+
+def _metric_minimum(text: str) -> tuple[str, float]:
+    key, sep, value = text.rpartition("=")
+    try:
+        if not sep or not key:
+            raise ValueError
+        return key, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected METRIC=MINIMUM like lm_eval.task.student.acc=0.4, got {text!r}"
+        ) from None
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from e3prune.registry import PromoteConfig, promote
+
+    args.lm_eval_min = dict(args.lm_eval_min) if args.lm_eval_min else None
+    result = promote(config_from_flags(PromoteConfig, args))
+    print(result["summary_markdown"], end="")
+    return 0 if result["promoted"] else PROMOTE_REJECTED_EXIT
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from e3prune.registry import rollback
+
+    result = rollback(args.model_name, tracking_uri=args.tracking_uri)
+    print(f"{result['model_name']}: champion is version {result['champion']} again (was {result['rolled_back']})")
+    return 0
+
+
+def _param_arg(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE like source=hf:Qwen/Qwen3-8B, got {text!r}")
+    return key.strip(), value
+
+
+def _kfp_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The flags shared by ``submit`` and ``schedule``, as overrides of the YAML file's keys."""
+    return {
+        "host": args.host,
+        "namespace": args.namespace,
+        "experiment": args.experiment,
+        "pipeline_name": args.pipeline_name,
+        "pipeline_version": args.pipeline_version,
+        "package": args.package,
+        "parameters": dict(args.param) if args.param else None,
+    }
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from e3prune_pipelines.submit import SubmitConfig, submit  # imports kfp: only when asked
+
+    cfg = SubmitConfig.from_yaml(args.config, **_kfp_overrides(args), run_name=args.name)
+    out = submit(cfg)
+    print(f"{out['upload']} (pipeline {out['pipeline_id']}, version {out['pipeline_version_id']})")
+    print(f"started run {out['run_name']!r} {out['run_id']} in experiment {cfg.experiment!r} ({out['experiment_id']})")
+    print(out["run_url"])
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from e3prune_pipelines.submit import ScheduleConfig, schedule  # imports kfp: only when asked
+
+    cfg = ScheduleConfig.from_yaml(
+        args.config,
+        **_kfp_overrides(args),
+        name=args.name,
+        cron=args.cron,
+        max_concurrency=args.max_concurrency,
+        catchup=args.catchup,
+        enabled=args.enabled,
+    )
+    out = schedule(cfg)
+    print(f"{out['upload']} (pipeline {out['pipeline_id']}, version {out['pipeline_version_id']})")
+    for old in out["replaced"]:
+        print(f"replaced existing recurring run {old} (KFP cannot update one; deleted it)")
+    print(
+        f"created recurring run {cfg.name!r} {out['recurring_run_id']} in experiment {cfg.experiment!r}: "
+        f"cron '{out['cron']}', max concurrency {cfg.max_concurrency}, catchup {'on' if cfg.catchup else 'off'}, "
+        f"{'enabled' if cfg.enabled else 'disabled'}"
+    )
+    print(out["recurring_run_url"])
+    return 0
+
+
+def add_kfp_commands(sub) -> None:
+    """``submit`` and ``schedule``: a YAML file (docs/operations.md) with its main keys as flags."""
+    for name, help_text in (
+        ("submit", "upload the compiled pipeline (or a new version) to Kubeflow Pipelines and start a run"),
+        ("schedule", "upload the pipeline and create its recurring run, replacing one of the same name"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", metavar="FILE.yaml", help="settings file (docs/operations.md); flags override it")
+        p.add_argument("--host", help="KFP API URL (default: KF_PIPELINES_ENDPOINT)")
+        p.add_argument("--namespace", help="profile namespace on multi-user Kubeflow")
+        p.add_argument("--experiment", help="experiment name (default: e3-pruner)")
+        p.add_argument("--pipeline-name", help="pipeline name in KFP (default: e3-pruner)")
+        p.add_argument("--pipeline-version", help="version name (default: e3-pruner version + package hash)")
+        p.add_argument("--package", help="compiled pipeline YAML (default: the shipped one)")
+        p.add_argument(
+            "--param", action="append", type=_param_arg, metavar="KEY=VALUE", help="pipeline parameter; repeatable"
+        )
+        if name == "submit":
+            p.add_argument("--name", help="run name (default: pipeline name + UTC time)")
+            p.set_defaults(func=cmd_submit)
+        else:
+            p.add_argument("--name", help="recurring run name (default: e3-pruner); one of that name is replaced")
+            p.add_argument("--cron", help="'m h dom mon dow', six fields with seconds first, or @daily / @every 6h")
+            p.add_argument("--max-concurrency", type=int, help="runs at once, 1-10 (default: 1)")
+            p.add_argument("--catchup", action=argparse.BooleanOptionalAction, help="run missed slots (default: no)")
+            p.add_argument("--enabled", action=argparse.BooleanOptionalAction, help="(default: enabled)")
+            p.set_defaults(func=cmd_schedule)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,6 +445,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_sample)
 
+    from e3prune.run_config import RunConfig
+
+    p = sub.add_parser(
+        "run",
+        help="run the whole pipeline locally with kfp.local (default: the shipped model, ~15 min on 2 cores)",
+    )
+    p.add_argument("--output", default="runs/e3-pruner", help="directory for KFP outputs, data, models and MLflow")
+    add_config_flags(p, RunConfig)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("compile", help="compile the pipeline and components to their committed YAML files")
+    p.add_argument("--check", action="store_true", help="fail when the committed YAML differs from a fresh compile")
+    p.set_defaults(func=cmd_compile)
+    from e3prune.registry import PromoteConfig
+
+    p = sub.add_parser(
+        "promote",
+        help="quality gate for a registered version; it becomes 'champion' only if it passes (exit 3 if rejected)",
+    )
+    add_config_flags(p, PromoteConfig, skip=("lm_eval_min",))
+    p.add_argument(
+        "--lm-eval-min",
+        action="append",
+        type=_metric_minimum,
+        metavar="METRIC=MINIMUM",
+        help="minimum of a metric tag, e.g. lm_eval.python_stdlib_cloze.student.acc=0.4; repeat for more",
+    )
+    p.set_defaults(func=cmd_promote)
+    p = sub.add_parser("rollback", help="give the 'champion' alias back to the previous champion")
+    p.add_argument("--model-name", required=True, help="registered model name")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    p.set_defaults(func=cmd_rollback)
+    add_kfp_commands(sub)
     p = sub.add_parser("config-docs", help="print the configuration reference (docs/configuration.md)")
     p.set_defaults(func=cmd_config_docs)
 

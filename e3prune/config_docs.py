@@ -12,7 +12,10 @@ def _steps() -> list[tuple[str, str, type[BaseModel]]]:
     from e3prune.data import SampleConfig, SourceSpec
     from e3prune.distill import DistillConfig
     from e3prune.evaluate import EvaluateConfig
+    from e3prune.export import ExportConfig
     from e3prune.harden import HardenConfig
+    from e3prune.registry import PromoteConfig, RegisterConfig
+    from e3prune.run_config import RunConfig
     from e3prune.search import SearchConfig
     from e3prune.selection import SelectConfig
     from e3prune.teacher import TeacherLogitsConfig
@@ -26,6 +29,10 @@ def _steps() -> list[tuple[str, str, type[BaseModel]]]:
         ("harden", "e3prune.harden.HardenConfig", HardenConfig),
         ("distill", "e3prune.distill.DistillConfig", DistillConfig),
         ("evaluate", "e3prune.evaluate.EvaluateConfig", EvaluateConfig),
+        ("export", "e3prune.export.ExportConfig", ExportConfig),
+        ("register", "e3prune.registry.RegisterConfig", RegisterConfig),
+        ("promote", "e3prune.registry.PromoteConfig", PromoteConfig),
+        ("run: the pipeline's parameters", "e3prune.run_config.RunConfig", RunConfig),
     ]
 
 

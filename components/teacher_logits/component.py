@@ -1,0 +1,46 @@
+"""teacher_logits: one teacher pass that caches the top-K logits of every token."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+from e3prune_components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def teacher_logits(
+    source_model: str,
+    source_revision: str,
+    data: Input[Dataset],
+    storage_prefix: str,
+    cache: Output[Dataset],
+    top_k: int = 10,
+    teacher_batch_size: int = 8,
+):
+    """Runs the teacher once over the search and distill splits and caches its top-K logits.
+
+    Per token it stores the K largest logits (bf16), their ids (int32) and the full log-sum-exp
+    (fp32): about 64 bytes a token at K = 10. The search and distillation read this cache, so
+    the teacher is never loaded again.
+
+    Args:
+        source_model: The teacher (same forms as the pipeline parameter).
+        source_revision: The revision pinned by detect_release.
+        data: Output of sample_data.
+        storage_prefix: Where the cache goes (s3://bucket/prefix or a directory); empty: into the artifact.
+        cache: The top-K cache (metadata uri points at it).
+        top_k: Logits kept per token (K).
+        teacher_batch_size: Sequences per teacher forward.
+    """
+    import logging
+
+    from e3prune import sources
+    from e3prune.run_config import RunConfig
+    from e3prune.teacher import teacher_logits
+    from e3prune_components.locations import URI_KEY, input_uri, work_uri
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run = RunConfig.parse(top_k=top_k, teacher_batch_size=teacher_batch_size)
+    model = sources.fetch(source_model, source_revision)
+    out = work_uri(storage_prefix, "teacher_logits", cache.path)
+    manifest = teacher_logits(run.teacher_config(model=str(model), data=input_uri(data), output=out))
+    cache.metadata.update({URI_KEY: out, "top_k": top_k, "bytes_per_token": manifest["bytes_per_token"]["logits"]})

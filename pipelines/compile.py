@@ -1,0 +1,138 @@
+"""Compile the pipeline and every component to the YAML files committed beside them.
+
+``e3prune compile`` (or ``python -m e3prune_pipelines.compile``) rewrites
+``pipelines/e3_pruner/pipeline.yaml`` (upload it in the Kubeflow UI) and
+``components/<name>/component.yaml`` (reuse a step in another pipeline) with the README beside
+it (inputs and outputs from the component's interface). ``--check`` compiles
+into a temporary directory and fails on any difference instead, which is what the drift test
+and CI run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import sys
+import tempfile
+from pathlib import Path
+
+COMPONENTS = (
+    "detect_release",
+    "sample_data",
+    "teacher_logits",
+    "search_mask",
+    "harden_mask",
+    "distill",
+    "evaluate",
+    "export",
+    "register",
+    "promote",
+)
+
+
+def targets() -> dict[str, tuple[object, Path]]:
+    """name -> (the compiled object, where its YAML lives in the source tree)."""
+    import e3prune_components
+    import e3prune_pipelines
+    from e3prune_pipelines.e3_pruner.pipeline import e3_pruner_pipeline
+
+    comp_root = Path(e3prune_components.__file__).parent
+    out = {"pipeline": (e3_pruner_pipeline, Path(e3prune_pipelines.__file__).parent / "e3_pruner" / "pipeline.yaml")}
+    for name in COMPONENTS:
+        module = importlib.import_module(f"e3prune_components.{name}.component")
+        out[name] = (getattr(module, name), comp_root / name / "component.yaml")
+    return out
+
+
+def _type(t: str) -> str:
+    return t.split("@")[0].removeprefix("system.")
+
+
+def component_readme(name: str, component) -> str:
+    """The component's README, generated from its interface so it cannot drift from it."""
+    spec = component.component_spec
+    inputs = ["| name | type | default | description |", "|---|---|---|---|"]
+    for key, i in spec.inputs.items():
+        default = "" if i.default is None else f"`{i.default!r}`"
+        inputs.append(f"| `{key}` | {_type(i.type)} | {default} | {getattr(i, 'description', '') or ''} |")
+    import docstring_parser  # a kfp dependency: KFP reads input descriptions the same way
+
+    doc = docstring_parser.parse(component.python_func.__doc__ or "")
+    described = {p.arg_name: p.description for p in doc.params}
+    returns = ""
+    if doc.returns:  # the parser takes "first_field:" of the Returns section for a type name
+        head = f"{doc.returns.type_name}: " if doc.returns.type_name else ""
+        returns = head + (doc.returns.description or "")
+    for line in returns.splitlines():  # "name: description" per NamedTuple field
+        key, _, text = line.strip().partition(": ")
+        described.setdefault(key, text)
+    outputs = ["| name | type | description |", "|---|---|---|"]
+    for key, o in (spec.outputs or {}).items():
+        outputs.append(f"| `{key}` | {_type(o.type)} | {described.get(key, '')} |")
+    description = (spec.description or "").strip()
+    return (
+        f"# {name}\n\n{description}\n\n"
+        "Image: the one setting in `components/image.py`; nothing is installed at run time. "
+        "S3 endpoint and credentials come from the pod's environment (`AWS_*`).\n\n"
+        "## Inputs\n\n" + "\n".join(inputs) + "\n\n## Outputs\n\n" + "\n".join(outputs) + "\n\n"
+        "## Use it in another pipeline\n\n"
+        "```python\n"
+        "from kfp import components\n\n"
+        f'{name} = components.load_component_from_file("components/{name}/component.yaml")\n'
+        "```\n\n"
+        f"or `from e3prune_components.{name}.component import {name}` with the package installed. "
+        "`e3prune compile` regenerates this file and `component.yaml`; do not edit them by hand.\n"
+    )
+
+
+def compile_all(into: Path | None = None) -> dict[str, Path]:
+    """Compile everything; into ``into`` (flat) when given, else over the committed files."""
+    from kfp import compiler
+
+    written = {}
+    for name, (obj, path) in targets().items():
+        dest = into / f"{name}.yaml" if into else path
+        compiler.Compiler().compile(obj, str(dest))
+        written[name] = dest
+        if name != "pipeline":
+            readme = into / f"{name}.README.md" if into else path.parent / "README.md"
+            readme.write_text(component_readme(name, obj))
+            written[f"{name} README"] = readme
+    return written
+
+
+def check() -> list[str]:
+    """Names whose committed YAML differs from a fresh compile, with a short diff each."""
+    problems = []
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = compile_all(Path(tmp))
+        pairs = [(fresh[name], committed) for name, (_, committed) in targets().items()]
+        pairs += [(fresh[f"{n} README"], c.parent / "README.md") for n, (_, c) in targets().items() if n != "pipeline"]
+        for fresh_path, committed in pairs:
+            new = fresh_path.read_text()
+            old = committed.read_text() if committed.is_file() else ""
+            if new != old:
+                diff = "".join(
+                    list(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(committed), "fresh"))[:40]
+                )
+                problems.append(f"{committed} is out of date; run `e3prune compile`:\n{diff}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="e3prune compile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="fail if the committed YAML differs from a fresh compile")
+    args = parser.parse_args(argv)
+    if args.check:
+        problems = check()
+        for p in problems:
+            print(p, file=sys.stderr)
+        return 1 if problems else 0
+    for name, path in compile_all().items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
