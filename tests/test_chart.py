@@ -26,6 +26,8 @@ KUBE_VERSION = "1.30.0"
 RELEASE, NAMESPACE = "e3", "mlops"
 MLFLOW_SVC = "e3-e3-pruner-mlflow"
 TRACKING_URI = f"http://{MLFLOW_SVC}.{NAMESPACE}.svc.cluster.local:5000"
+PIPELINE = ROOT / "pipelines" / "e3_pruner" / "pipeline.py"
+PIPELINE_NS = "kubeflow-user-example-com"  # kfp.namespace of the sample values
 # The keys `e3prune schedule --config` accepts (docs/operations.md, "The settings file"); it refuses others.
 SCHEDULE_KEYS = {
     "host", "namespace", "pipeline_name", "pipeline_version", "experiment", "package", "service_account",
@@ -61,6 +63,21 @@ def objects(rendered: dict[str, str]) -> list[dict]:
 
 def by_kind(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
+
+
+def schedule_configmap(docs: list[dict]) -> dict:
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-schedules")]
+    return cm
+
+
+def pipeline_env(docs: list[dict]) -> list[dict]:
+    return [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "e3-pruner-env"]
+
+
+def pipeline_constant(name: str) -> str:
+    """A name fixed at compile time in the pipeline (read from the source: no kfp import needed)."""
+    (value,) = re.findall(rf'^{name} = "([^"]+)"', PIPELINE.read_text(), flags=re.M)
+    return value
 
 
 def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
@@ -113,6 +130,7 @@ def test_rendered_manifests_validate_against_kubernetes_schemas(rendered, which)
 def test_default_and_sample_render_the_expected_objects(rendered):
     kinds = lambda docs: sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)  # noqa: E731
     assert kinds(rendered["default"]) == [
+        "ConfigMap/e3-pruner-env",
         f"Deployment/{MLFLOW_SVC}",
         f"Service/{MLFLOW_SVC}",
         f"ServiceAccount/{MLFLOW_SVC}",
@@ -162,6 +180,8 @@ SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|KEY_ID|TOKEN$")
 def test_no_plaintext_credentials(rendered, which):
     docs = rendered[which]
     assert by_kind(docs, "Secret") == []  # the chart only refers to existing Secrets
+    for cm in by_kind(docs, "ConfigMap"):
+        assert not any(SECRET_NAME.search(k) for k in cm["data"]), cm["metadata"]["name"]
     for where, spec in pod_specs(docs):
         for c in spec.get("initContainers", []) + spec["containers"]:
             for name, e in env_of(c).items():
@@ -298,7 +318,7 @@ def test_mlflow_can_be_left_out_for_an_external_server(chart):
 
 def test_schedule_configmap_holds_one_config_per_schedule(rendered):
     values = VALUE_SETS["sample"]
-    (cm,) = by_kind(rendered["sample"], "ConfigMap")
+    cm = schedule_configmap(rendered["sample"])
     assert sorted(cm["data"]) == sorted(f"{s['name']}.yaml" for s in values["schedules"])
     defaults = values["scheduleDefaults"]
     for s in values["schedules"]:
@@ -335,7 +355,7 @@ def test_a_schedule_can_turn_a_default_off(chart):
             {"name": "b", "parameters": {"mlflow_tracking_uri": "https://mlflow.example.com"}},
         ],
     }
-    (cm,) = by_kind(objects(render(chart, values)), "ConfigMap")
+    cm = schedule_configmap(objects(render(chart, values)))
     config = yaml.safe_load(cm["data"]["a.yaml"])
     assert config["catchup"] is False and config["enabled"] is False
     assert config["parameters"] == {"allow_repeat": False, "mlflow_tracking_uri": TRACKING_URI}
@@ -346,7 +366,7 @@ def test_a_schedule_can_turn_a_default_off(chart):
         "lm_eval_tasks": "arc_easy",
         "mlflow_tracking_uri": "https://mlflow.example.com",
     }
-    (cm,) = by_kind(objects(render(chart, {**values, "job": {"trackingUriParameter": ""}})), "ConfigMap")
+    cm = schedule_configmap(objects(render(chart, {**values, "job": {"trackingUriParameter": ""}})))
     assert yaml.safe_load(cm["data"]["a.yaml"])["parameters"] == {"allow_repeat": False}
 
 
@@ -414,6 +434,57 @@ def test_duplicate_schedule_names_fail(chart):
         render(chart, values)
 
 
+# ---------------------------------------------------------------- pipeline environment
+
+
+def test_pipeline_env_configmap_matches_the_compiled_pipeline(rendered):
+    """The ConfigMap every pipeline step reads (ENV_CONFIG_MAP), in the namespace the runs use."""
+    assert pipeline_constant("ENV_CONFIG_MAP") == "e3-pruner-env"
+    (default,) = pipeline_env(rendered["default"])
+    # no kfp.namespace: the release namespace; AWS S3 (no endpoint), no hub mirror
+    assert default["metadata"]["namespace"] == NAMESPACE
+    assert default["data"] == {"AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_TRACKING_URI": TRACKING_URI}
+    (sample,) = pipeline_env(rendered["sample"])
+    assert sample["metadata"]["namespace"] == PIPELINE_NS == VALUE_SETS["sample"]["kfp"]["namespace"]
+    assert sample["data"] == {
+        "AWS_ENDPOINT_URL": "http://minio.minio.svc.cluster.local:9000",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MLFLOW_TRACKING_URI": TRACKING_URI,
+    }
+    # only keys the pipeline reads
+    config_keys = {"AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "HF_ENDPOINT"}
+    assert set(sample["data"]) <= config_keys and all(f'"{k}"' in PIPELINE.read_text() for k in config_keys)
+
+
+def test_pipeline_env_values(chart):
+    values = {
+        "pipelineEnv": {"namespace": "kubeflow", "hfEndpoint": "https://hf-mirror.example.com"},
+        "kfp": {"namespace": "team-a"},  # pipelineEnv.namespace wins
+        "s3": {"endpoint": "", "region": ""},
+        "mlflow": {"enabled": False, "externalTrackingUri": "https://mlflow.example.com"},
+    }
+    (cm,) = pipeline_env(objects(render(chart, values)))
+    assert cm["metadata"]["namespace"] == "kubeflow"
+    assert cm["data"] == {"MLFLOW_TRACKING_URI": "https://mlflow.example.com", "HF_ENDPOINT": "https://hf-mirror.example.com"}
+    kubernetes_validate.validate(cm, KUBE_VERSION, strict=True)
+    sample_off = copy.deepcopy(VALUE_SETS["sample"])
+    sample_off["pipelineEnv"] = {"create": False}
+    for off in ({"pipelineEnv": {"create": False}}, sample_off):
+        docs = objects(render(chart, off))
+        assert pipeline_env(docs) == [] and docs
+
+
+@pytest.mark.parametrize("which", list(VALUE_SETS))
+def test_notes_tell_how_to_create_the_pipeline_secret(chart, which):
+    notes = next(t for p, t in render(chart, VALUE_SETS[which]).items() if p.endswith("NOTES.txt"))
+    ns = PIPELINE_NS if which == "sample" else NAMESPACE
+    secret = pipeline_constant("S3_SECRET")
+    assert f"kubectl create secret generic {secret} -n {ns} --from-literal=AWS_ACCESS_KEY_ID=" in notes
+    assert "IRSA" in notes and "ConfigMap e3-pruner-env (created by this release)" in notes
+    readme = (CHART / "README.md").read_text()
+    assert f"kubectl create secret generic {secret} -n <pipeline namespace>" in readme
+
+
 # ---------------------------------------------------------------- schema
 
 
@@ -449,6 +520,8 @@ BAD_VALUES = {
     "no-uri-key-and-no-host": (with_("mlflow.database.uriKey", ""), "uriKey"),
     "unknown-key": (with_("mlflow.replicaCount", 2), "replicaCount"),
     "pull-policy-enum": (with_("image.pullPolicy", "Sometimes"), "pullPolicy"),
+    "pipeline-env-namespace-not-dns": (with_("pipelineEnv.namespace", "Team_A"), "namespace"),
+    "hf-endpoint-not-url": (with_("pipelineEnv.hfEndpoint", "hf-mirror"), "hfEndpoint"),
 }
 
 
@@ -470,7 +543,7 @@ def test_lint_reports_schema_errors():
 )
 def test_schema_accepts_what_e3prune_schedule_accepts(chart, cron):
     docs = objects(render(chart, {"schedules": [{"name": "a", "cron": cron, "parameters": {}}]}))
-    (cm,) = by_kind(docs, "ConfigMap")
+    cm = schedule_configmap(docs)
     assert yaml.safe_load(cm["data"]["a.yaml"])["cron"] == cron
 
 

@@ -225,3 +225,12 @@ Kubernetes' $(VAR) expansion, so the pod spec never holds a credential.
 {{- printf "%s-%s" $base (.checksum | trunc 8) }}
 {{- end }}
 {{- end }}
+
+{{/*
+Namespace where the pipeline's steps run and read the ConfigMap e3-pruner-env and the Secret
+e3-pruner-s3: pipelineEnv.namespace, else kfp.namespace (the profile namespace), else the
+release namespace.
+*/}}
+{{- define "e3-pruner.pipelineEnv.namespace" -}}
+{{- .Values.pipelineEnv.namespace | default .Values.kfp.namespace | default .Release.Namespace }}
+{{- end }}
