@@ -159,6 +159,8 @@ def run(model_dir: Path, ratios: list[float], args, exhaustive: bool) -> list[di
                 output=str(out),
                 remove_ratio=ratio,
                 search_tokens=args.e3_tokens,
+                init_sequences=args.e3_init_sequences,
+                final_sequences=args.e3_final_sequences,
                 overwrite=True,
                 seed=args.seed,
             )
@@ -185,7 +187,8 @@ def render(rows: list[dict], title: str, args, model_dir: Path) -> str:
         f"Model `{model_dir.name}`; held-out perplexity on the eval split ({args.eval_tokens:,} tokens), "
         "masked view, no distillation. Lower is better; the best per ratio is in bold.",
         f"Calibration for the baselines: {args.calibration_sequences} search-split sequences; E³ search: "
-        f"{args.e3_tokens:,} search-split tokens, seed {args.seed}, default `SearchConfig`.",
+        f"{args.e3_tokens:,} search-split tokens, KL initialisation on {args.e3_init_sequences} and final "
+        f"candidates scored on {args.e3_final_sequences} sequences, seed {args.seed}, otherwise the default `SearchConfig`.",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
         "",
         "Search-split KL: mean KL(teacher top-10 ‖ pruned) over the whole search split, the objective every",
@@ -216,6 +219,18 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=65536)
     ap.add_argument("--calibration-sequences", type=int, default=16)
     ap.add_argument("--e3-tokens", type=int, default=SearchConfig.model_fields["search_tokens"].default)
+    ap.add_argument(
+        "--e3-init-sequences",
+        type=int,
+        default=SearchConfig.model_fields["init_sequences"].default,
+        help="search-split sequences of the E³ KL initialisation",
+    )
+    ap.add_argument(
+        "--e3-final-sequences",
+        type=int,
+        default=SearchConfig.model_fields["final_sequences"].default,
+        help="search-split sequences that score E³'s final candidates",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
