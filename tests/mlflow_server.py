@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from s3_server import ACCESS_KEY, HOST, REGION, SECRET_KEY, SeaweedS3, free_ports
+from s3_server import ACCESS_KEY, HOST, REGION, SECRET_KEY, SeaweedS3, free_ports, stop_process_group
 
 START_TIMEOUT_SECONDS = 90  # two shared cores: importing mlflow and migrating sqlite takes a while
 STOP_GRACE_SECONDS = 5
@@ -141,15 +141,7 @@ class MlflowServer:
         proc = self.process
         if proc is None:
             return
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=15)
-            except ProcessLookupError:
-                pass
+        stop_process_group(proc, STOP_GRACE_SECONDS)
         try:  # a worker that outlived its parent would keep the port
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:

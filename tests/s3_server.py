@@ -180,22 +180,26 @@ def _wait_ready(server: SeaweedS3) -> None:
     raise RuntimeError(f"SeaweedFS S3 not ready after {START_TIMEOUT_SECONDS}s ({last_error}):\n{server.log_tail()}")
 
 
+def stop_process_group(proc: subprocess.Popen, grace_seconds: float) -> None:
+    """SIGTERM a server started with ``start_new_session=True`` and all it started; SIGKILL after the grace."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+        except ProcessLookupError:
+            pass
+
+
 def stop_seaweed(server: SeaweedS3) -> None:
     """SIGTERM the server's process group; SIGKILL it after a short grace.
 
     weed's graceful shutdown takes about 15 s (it drains its gRPC peers); the test server's data
     is thrown away, so there is nothing to wait for.
     """
-    proc = server.process
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=STOP_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
-        except ProcessLookupError:
-            pass
+    stop_process_group(server.process, STOP_GRACE_SECONDS)
     # weed puts its gRPC unix sockets in /tmp whatever TMPDIR says; remove the ones of our ports.
     for port in server.grpc_ports:
         for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):

@@ -465,7 +465,10 @@ def test_pipeline_env_values(chart):
     }
     (cm,) = pipeline_env(objects(render(chart, values)))
     assert cm["metadata"]["namespace"] == "kubeflow"
-    assert cm["data"] == {"MLFLOW_TRACKING_URI": "https://mlflow.example.com", "HF_ENDPOINT": "https://hf-mirror.example.com"}
+    assert cm["data"] == {
+        "MLFLOW_TRACKING_URI": "https://mlflow.example.com",
+        "HF_ENDPOINT": "https://hf-mirror.example.com",
+    }
     kubernetes_validate.validate(cm, KUBE_VERSION, strict=True)
     sample_off = copy.deepcopy(VALUE_SETS["sample"])
     sample_off["pipelineEnv"] = {"create": False}

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from e3prune_pipelines.e3_pruner.pipeline import STEPS as PIPELINE_STEPS
+
 
 def _spec_path():
     import e3prune_pipelines
@@ -48,18 +50,7 @@ def test_every_parameter_has_a_default_and_a_description():
         assert p["defaultValue"] == RunConfig.model_fields[name].default, name
 
 
-STEPS = {
-    "detect-release",
-    "sample-data",
-    "teacher-logits",
-    "search-mask",
-    "harden-mask",
-    "distill",
-    "evaluate",
-    "export",
-    "register",
-    "promote",
-}
+STEPS = set(PIPELINE_STEPS)
 
 
 def _tasks() -> dict:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from e3prune_pipelines.e3_pruner.pipeline import STEPS
+
 SMALL = {
     "search_split_tokens": 8192,
     "distill_split_tokens": 8192,
@@ -26,18 +28,6 @@ SMALL = {
     "lm_eval_tasks": "python_stdlib_cloze",
     "lm_eval_limit": 16,
 }
-STEPS = (
-    "detect-release",
-    "sample-data",
-    "teacher-logits",
-    "search-mask",
-    "harden-mask",
-    "distill",
-    "evaluate",
-    "export",
-    "register",
-    "promote",
-)
 
 
 def task_artifacts(run_dir: Path, task: str) -> dict:

@@ -47,6 +47,7 @@ RESOURCES: dict[str, dict[str, str]] = {
     "register": {"cpu_request": "500m", "memory_request": "1Gi", "memory_limit": "4Gi"},
     "promote": {"cpu_request": "250m", "memory_request": "512Mi", "memory_limit": "2Gi"},
 }
+STEPS = tuple(RESOURCES)  # the task names, in the order they run
 # Steps that talk to the network (hub, S3, MLflow): retried with backoff; the others fail fast.
 # detect-release is not: it mostly fails on a bad parameter, where a retry only delays the
 # message, and it is cheap to run again (a schedule does, the next time).
@@ -73,60 +74,25 @@ def _configure(task: dsl.PipelineTask, name: str, cache: bool = True) -> dsl.Pip
     return task
 
 
-def _compress(
-    release: dsl.PipelineTask,
-    *,
-    source_model,
-    source_revision,
-    registered_model_name,
-    storage_prefix,
-    remove_ratio,
-    data_sources,
-    seq_len,
-    search_split_tokens,
-    distill_split_tokens,
-    eval_split_tokens,
-    sample_seed,
-    allow_repeat,
-    top_k,
-    teacher_batch_size,
-    search_budget_tokens,
-    search_batch_size,
-    search_learning_rate,
-    search_tau_start,
-    search_tau_end,
-    search_seed,
-    distill_budget_tokens,
-    distill_loss,
-    distill_learning_rate,
-    distill_batch_size,
-    distill_allow_repeat,
-    eval_batch_size,
-    lm_eval_tasks,
-    lm_eval_limit,
-    mlflow_experiment,
-    mlflow_tracking_uri,
-    gate_max_perplexity_ratio,
-    gate_min_speedup,
-    gate_lm_eval_min,
-    gate_require_better_than_champion,
-    force,
-) -> None:
-    """The steps after detect-release, inside its condition: every step reads the concrete release."""
+def _compress(release: dsl.PipelineTask, p: dict) -> None:
+    """The steps after detect-release, inside its condition: every step reads the concrete release.
+
+    ``p`` holds the pipeline's parameters (as pipeline channels), by name.
+    """
     source = release.outputs["source_uri"]
     revision = release.outputs["source_revision_resolved"]
     data = _configure(
         sample_data(
             source_model=source,
             source_revision=revision,
-            data_sources=data_sources,
-            storage_prefix=storage_prefix,
-            seq_len=seq_len,
-            search_split_tokens=search_split_tokens,
-            distill_split_tokens=distill_split_tokens,
-            eval_split_tokens=eval_split_tokens,
-            sample_seed=sample_seed,
-            allow_repeat=allow_repeat,
+            data_sources=p["data_sources"],
+            storage_prefix=p["storage_prefix"],
+            seq_len=p["seq_len"],
+            search_split_tokens=p["search_split_tokens"],
+            distill_split_tokens=p["distill_split_tokens"],
+            eval_split_tokens=p["eval_split_tokens"],
+            sample_seed=p["sample_seed"],
+            allow_repeat=p["allow_repeat"],
         ),
         "sample-data",
     )
@@ -135,9 +101,9 @@ def _compress(
             source_model=source,
             source_revision=revision,
             data=data.outputs["data"],
-            storage_prefix=storage_prefix,
-            top_k=top_k,
-            teacher_batch_size=teacher_batch_size,
+            storage_prefix=p["storage_prefix"],
+            top_k=p["top_k"],
+            teacher_batch_size=p["teacher_batch_size"],
         ),
         "teacher-logits",
     )
@@ -146,14 +112,14 @@ def _compress(
             source_model=source,
             source_revision=revision,
             teacher_cache=cache.outputs["cache"],
-            storage_prefix=storage_prefix,
-            remove_ratio=remove_ratio,
-            search_budget_tokens=search_budget_tokens,
-            search_batch_size=search_batch_size,
-            search_learning_rate=search_learning_rate,
-            search_tau_start=search_tau_start,
-            search_tau_end=search_tau_end,
-            search_seed=search_seed,
+            storage_prefix=p["storage_prefix"],
+            remove_ratio=p["remove_ratio"],
+            search_budget_tokens=p["search_budget_tokens"],
+            search_batch_size=p["search_batch_size"],
+            search_learning_rate=p["search_learning_rate"],
+            search_tau_start=p["search_tau_start"],
+            search_tau_end=p["search_tau_end"],
+            search_seed=p["search_seed"],
         ),
         "search-mask",
     )
@@ -162,7 +128,7 @@ def _compress(
             source_model=source,
             source_revision=revision,
             search=search.outputs["search"],
-            storage_prefix=storage_prefix,
+            storage_prefix=p["storage_prefix"],
         ),
         "harden-mask",
     )
@@ -170,12 +136,12 @@ def _compress(
         distill(
             model=pruned.outputs["model"],
             teacher_cache=cache.outputs["cache"],
-            storage_prefix=storage_prefix,
-            distill_budget_tokens=distill_budget_tokens,
-            distill_loss=distill_loss,
-            distill_learning_rate=distill_learning_rate,
-            distill_batch_size=distill_batch_size,
-            distill_allow_repeat=distill_allow_repeat,
+            storage_prefix=p["storage_prefix"],
+            distill_budget_tokens=p["distill_budget_tokens"],
+            distill_loss=p["distill_loss"],
+            distill_learning_rate=p["distill_learning_rate"],
+            distill_batch_size=p["distill_batch_size"],
+            distill_allow_repeat=p["distill_allow_repeat"],
         ),
         "distill",
     )
@@ -186,10 +152,10 @@ def _compress(
             pruned=pruned.outputs["model"],
             distilled=student.outputs["distilled"],
             data=data.outputs["data"],
-            storage_prefix=storage_prefix,
-            eval_batch_size=eval_batch_size,
-            lm_eval_tasks=lm_eval_tasks,
-            lm_eval_limit=lm_eval_limit,
+            storage_prefix=p["storage_prefix"],
+            eval_batch_size=p["eval_batch_size"],
+            lm_eval_tasks=p["lm_eval_tasks"],
+            lm_eval_limit=p["lm_eval_limit"],
         ),
         "evaluate",
     )
@@ -197,8 +163,8 @@ def _compress(
         export(
             distilled=student.outputs["distilled"],
             evaluation=evaluation.outputs["evaluation"],
-            storage_prefix=storage_prefix,
-            registered_model_name=registered_model_name,
+            storage_prefix=p["storage_prefix"],
+            registered_model_name=p["registered_model_name"],
             source_model=source,
             source_revision=revision,
             run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
@@ -215,7 +181,7 @@ def _compress(
             exported=exported.outputs["exported"],
             run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-            mlflow_tracking_uri=mlflow_tracking_uri,
+            mlflow_tracking_uri=p["mlflow_tracking_uri"],
         ),
         "register",
         cache=False,  # a side effect in MLflow, idempotent per run
@@ -224,11 +190,11 @@ def _compress(
         promote(
             registered_model_name=registered.outputs["model_name"],
             version=registered.outputs["version"],
-            gate_max_perplexity_ratio=gate_max_perplexity_ratio,
-            gate_min_speedup=gate_min_speedup,
-            gate_lm_eval_min=gate_lm_eval_min,
-            gate_require_better_than_champion=gate_require_better_than_champion,
-            mlflow_tracking_uri=mlflow_tracking_uri,
+            gate_max_perplexity_ratio=p["gate_max_perplexity_ratio"],
+            gate_min_speedup=p["gate_min_speedup"],
+            gate_lm_eval_min=p["gate_lm_eval_min"],
+            gate_require_better_than_champion=p["gate_require_better_than_champion"],
+            mlflow_tracking_uri=p["mlflow_tracking_uri"],
         ),
         "promote",
         cache=False,  # reads and moves aliases
@@ -354,7 +320,7 @@ def e3_pruner_pipeline(
         cache=False,  # resolves moving revisions and asks the registry: must run every time
     )
     with dsl.If(release.outputs["Output"] == True, name="new-release"):  # noqa: E712 - a KFP condition, not Python
-        _compress(release, **{name: value for name, value in locals().items() if name != "release"})
+        _compress(release, {name: value for name, value in locals().items() if name != "release"})
 
 
 if __name__ == "__main__":
