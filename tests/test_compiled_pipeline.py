@@ -102,3 +102,22 @@ def test_each_component_has_its_readme_yaml_and_tests():
         assert (d / "component.py").is_file() and (d / "component.yaml").is_file(), name
         readme = (d / "README.md").read_text()
         assert f"# {name}" in readme and "## Inputs" in readme and "## Outputs" in readme, name
+
+
+def test_the_library_never_imports_kfp():
+    """ARCHITECTURE.md: dependencies point down; only the pipeline layer (and the CLI commands that
+    reach it, when called) import kfp."""
+    import subprocess
+    import sys
+
+    import e3prune
+
+    modules = sorted(p.stem for p in Path(e3prune.__file__).parent.glob("*.py") if p.stem != "__init__")
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module('e3prune.' + m)\n"
+        "import e3prune.cli; e3prune.cli.build_parser()\n"
+        "print(sorted(n for n in sys.modules if n == 'kfp' or n.startswith('kfp.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
