@@ -25,6 +25,10 @@ Register (:func:`register`)
     a local path as a version source (it could not read it), so a local directory is uploaded
     into the run's artifacts under ``model/`` and the version points there.
 
+    ``release_tags`` (source, revision, ratio: :func:`e3prune.releases.release_tags`) make a
+    release register at most once: two runs racing on it both create a version, then the newer
+    one is deleted and its run reuses the older; a later run finds the version and keeps it.
+
     Every final metric is also written as a version tag ``metric.<key>`` (e.g.
     ``metric.student.perplexity_ratio``): the promotion gate then reads one object, the version,
     whatever run or experiment it came from.

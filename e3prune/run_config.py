@@ -279,7 +279,3 @@ class RunConfig(StepConfig):
             raise E3PruneError(f"must be in (0, 1), got {search.remove_ratio}", field="remove_ratio")
         if self.tasks():
             check_lm_eval_tasks(self.tasks())
-
-    def mlflow_params(self) -> dict[str, str]:
-        """The parameters to log to MLflow: every setting; none of them is a credential."""
-        return {k: str(v) for k, v in self.model_dump().items()}

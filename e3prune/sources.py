@@ -39,7 +39,6 @@ class ResolvedSource:
     uri: str  # as the user gave it
     kind: str  # builtin | local | s3 | hub
     revision: str  # immutable: content sha256, or the hub commit sha
-    path: Path | None = None  # local copy, when fetched
 
 
 def source_kind(uri: str) -> str:
