@@ -87,7 +87,13 @@ def prepare(model_dir: Path, work: Path, search_tokens: int, eval_tokens: int) -
 
 
 def run(model_dir: Path, ratios: list[float], args, exhaustive: bool) -> list[dict]:
-    work = CACHE / f"selection-{model_dir.name}"
+    # The sampled data and its teacher cache are kept per split size (the default keeps its old name).
+    sizes = (
+        ""
+        if (args.search_tokens, args.eval_tokens) == (65536, 65536)
+        else f"-s{args.search_tokens}-e{args.eval_tokens}"
+    )
+    work = CACHE / f"selection-{model_dir.name}{sizes}"
     data, cache_dir = prepare(model_dir, work, args.search_tokens, args.eval_tokens)
     model = load_causal_lm(model_dir, "float32")
     L = model.config.num_hidden_layers
@@ -241,6 +247,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     args.name = "selection-12L" if args.small else "selection"
+    if args.search_tokens != 65536 and not args.small:
+        args.name = f"selection-search{args.search_tokens // 1024}k"
     torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
     model_dir = small_model() if args.small else MODEL_DIR
