@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -116,15 +117,22 @@ def _complete(uri: str) -> bool:
 
 
 def _already_published(uri: str, src: Path, files: list[Path], card: str, metrics: dict | None) -> bool:
-    """True when ``uri`` is a complete export of exactly these files (a retried step that had finished)."""
+    """True when ``uri`` is a complete export of exactly these files (a retried step that had finished).
+
+    Compared through the published marker's sizes and sha256, so nothing is downloaded.
+    """
     if not _complete(uri):
         return False
-    try:
-        published = storage.input_dir(uri, field="destination")
-    except E3PruneError:
-        return False
-    for p in files:
-        q = published / p.relative_to(src)
-        if not q.is_file() or storage.file_digest(q) != storage.file_digest(p):
-            return False
-    return (published / CARD_FILE).is_file() and (published / CARD_FILE).read_text() == card
+    if storage.is_s3(uri):
+        published = storage.read_marker(uri, field="destination")
+    else:
+        published = storage.directory_digest(Path(uri))
+    ours = {p.relative_to(src).as_posix(): storage.file_digest(p) for p in files}
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = {CARD_FILE: card} | (
+            {METRICS_FILE: json.dumps(metrics, indent=2) + "\n"} if metrics is not None else {}
+        )
+        for name, text in extra.items():
+            (Path(tmp) / name).write_text(text)
+            ours[name] = storage.file_digest(Path(tmp) / name)
+    return published == ours

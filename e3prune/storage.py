@@ -275,6 +275,35 @@ def input_dir(uri: str, field: str = "data") -> Path:
     return cached
 
 
+def read_marker(uri: str, field: str = "data") -> dict[str, dict[str, Any]]:
+    """The ``_COMPLETE.json`` of an S3 output (what it holds: path -> size, sha256); an error when absent."""
+    bucket, prefix = split_s3(uri, field)
+    with _s3_errors(uri, field, "read"):
+        return _read_marker(_client(), bucket, prefix, uri, field)
+
+
+def read_file(uri: str, rel: str, field: str = "data") -> bytes:
+    """One file of a complete output without downloading the rest (a 16 GB checkpoint's ``pruning.json``).
+
+    Local: read from the directory. S3: the prefix must carry its marker, the file must be listed
+    in it, and its size and sha256 must match.
+    """
+    if not is_s3(uri):
+        path = input_dir(uri, field) / rel
+        if not path.is_file():
+            raise E3PruneError(f"{uri} has no {rel}", field=field)
+        return path.read_bytes()
+    marker = read_marker(uri, field)
+    if rel not in marker:
+        raise E3PruneError(f"{uri} has no {rel} (not in its {MARKER})", field=field)
+    bucket, prefix = split_s3(uri, field)
+    with _s3_errors(uri, field, "read"):
+        body = _client().get_object(Bucket=bucket, Key=f"{prefix}/{rel}")["Body"].read()
+    if len(body) != marker[rel]["size"] or hashlib.sha256(body).hexdigest() != marker[rel]["sha256"]:
+        raise E3PruneError(f"{uri}/{rel} does not match {MARKER}: it changed after it was published", field=field)
+    return body
+
+
 def _read_marker(client, bucket: str, prefix: str, uri: str, field: str) -> dict[str, dict[str, Any]]:
     from botocore.exceptions import ClientError
 

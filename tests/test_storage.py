@@ -177,3 +177,25 @@ def test_s3_missing_bucket_and_bad_credentials(s3, monkeypatch):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(E3PruneError, match="no S3 credentials"):
         storage.input_dir(s3.uri("x"))
+
+
+def test_read_file_takes_one_verified_file_without_the_rest(s3, tmp_path):
+    uri = s3.uri("ckpt")
+    with storage.output_dir(uri) as out:
+        (out / "pruning.json").write_text('{"kept_layers": [0, 2]}')
+        (out / "model.safetensors").write_bytes(b"\0" * 4096)
+    assert json.loads(storage.read_file(uri, "pruning.json", field="exported")) == {"kept_layers": [0, 2]}
+    assert not (storage.cache_root() / "s3").exists()  # nothing downloaded besides that one object
+    with pytest.raises(E3PruneError, match="has no metrics.jsonl") as err:
+        storage.read_file(uri, "metrics.jsonl", field="exported")
+    assert err.value.field == "exported"
+    s3.client.put_object(Bucket=s3.bucket, Key=s3.key("ckpt/pruning.json"), Body=b"{}")
+    with pytest.raises(E3PruneError, match="does not match"):
+        storage.read_file(uri, "pruning.json")
+    s3.client.put_object(Bucket=s3.bucket, Key=s3.key("half/pruning.json"), Body=b"{}")
+    with pytest.raises(E3PruneError, match="_COMPLETE.json"):
+        storage.read_file(s3.uri("half"), "pruning.json")
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "a.txt").write_text("x")
+    assert storage.read_file(str(local), "a.txt") == b"x"

@@ -59,12 +59,13 @@ def register(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     params = json.loads(Path(run_config.path).read_text())
     model_uri = input_uri(exported)
-    published = storage.input_dir(model_uri, field="exported")  # refuses an export without its marker
+    # One file each, not whole checkpoints; reading the export's refuses one without its marker.
+    pruning = storage.read_file(model_uri, "pruning.json", field="exported")
     search_dir = storage.input_dir(input_uri(search), field="search")
     found = json.loads((search_dir / "search.json").read_text())
     trajectory = read_trajectory(search_dir)
-    distill_dir = storage.input_dir(input_uri(distilled), field="distilled")
-    distill_rows = [json.loads(x) for x in (distill_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    distill_log = storage.read_file(input_uri(distilled), "metrics.jsonl", field="distilled").decode()
+    distill_rows = [json.loads(x) for x in distill_log.splitlines() if x.strip()]
     eval_dir = storage.input_dir(input_uri(evaluation), field="evaluation")
     flat = flat_metrics(json.loads((eval_dir / "metrics.json").read_text()))
 
@@ -75,11 +76,12 @@ def register(
             curves[f"distill/{key}"] = points
     staging = Path(tempfile.mkdtemp(prefix="e3prune-register-"))
     (staging / "search.png").write_bytes(search_plot_png(found, trajectory))
+    (staging / "pruning.json").write_bytes(pruning)
     artifacts = {
         "plots/search.png": staging / "search.png",
         "evaluation/metrics.json": eval_dir / "metrics.json",
         "evaluation/summary.md": eval_dir / "summary.md",
-        "pruning.json": published / "pruning.json",
+        "pruning.json": staging / "pruning.json",
         "search/search.json": search_dir / "search.json",
         "run_config.json": Path(run_config.path),
     }
