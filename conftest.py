@@ -1,6 +1,6 @@
 """Fixtures shared by ``tests/`` and every ``components/<name>/tests/`` (the catalog's root conftest).
 
-Real servers, really started (STYLE.md): a SeaweedFS S3 server and an ``mlflow server`` process on
+Real servers, really started: a SeaweedFS S3 server and an ``mlflow server`` process on
 loopback, plus the shipped reference model. ``kfp.local`` runs steps as subprocesses of this
 Python, so a step sees the same installed package and the environment the fixtures set.
 """

@@ -1,6 +1,6 @@
 """Cost of the search step and of the teacher cache, against a plain teacher forward.
 
-Targets (issue "Choosing the layers"): one search step costs at most 2.5× a teacher forward on
+Targets: one search step costs at most 2.5× a teacher forward on
 the same batch (weights frozen, so the backward computes activation gradients only), and the cache
 writes at least 90 % of a plain teacher forward's tokens/s at ≈ 64 bytes a token (K = 10).
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from e3prune.checkpoint import load_causal_lm
+from e3prune.model_io import load_causal_lm
 from e3prune.data import SampleConfig, SourceSpec, sample_data
 from e3prune.losses import topk_kl
 from e3prune.masking import gated_layers

@@ -1,4 +1,4 @@
-"""Recovery benchmark: which distillation loss recovers the pruned model best (METHOD.md, Stage 5).
+"""Recovery benchmark: which distillation loss recovers the pruned model best (docs/method.md, Stage 5).
 
 On the shipped reference model with the E³ mask at 25 % removal (default search), the hardened
 student is trained at two equal token budgets with each loss:

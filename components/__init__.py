@@ -1,6 +1,5 @@
 """Kubeflow Pipelines components of e3-pruner, installed as ``e3prune_components``.
 
 One directory per step, laid out like kubeflow/pipelines-components; each is a thin typed
-wrapper over the ``e3prune`` library (ARCHITECTURE.md). The components arrive with the pipeline
-issue; this package exists so that the installed layout is already the final one.
+wrapper over the ``e3prune`` library (docs/architecture.md).
 """

@@ -1,7 +1,7 @@
 """Where a step writes its large outputs, and where the next step finds them.
 
 Large data (token shards, the teacher cache, checkpoints) must not be copied through every
-KFP artifact (issue 5). With ``storage_prefix`` set (``s3://bucket/prefix`` on a cluster, a
+KFP artifact. With ``storage_prefix`` set (``s3://bucket/prefix`` on a cluster, a
 directory locally) a step writes to ``<prefix>/work/<step>/<stamp>-<id>`` and its KFP artifact
 only records that URI in its metadata (``uri``); the next step reads it from there. Without a
 prefix the step writes into the artifact's own path (small models, quick trials).

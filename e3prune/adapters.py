@@ -1,6 +1,6 @@
 """Architecture adapters: what differs between model families for layer pruning.
 
-A family differs only in (ARCHITECTURE.md, "Model families differ only in an adapter"):
+A family differs only in (docs/architecture.md, "Model families differ only in an adapter"):
 - where the decoder layers are (``layers_path``);
 - which config fields are per-layer lists (sliced with the keep-set, e.g. ``layer_types``);
 - which config fields hold layer *indices* or counts (renumbered, e.g. ``mlp_only_layers``,

@@ -123,7 +123,7 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from e3prune.checkpoint import describe, load_config
+    from e3prune.model_io import describe, load_config
 
     info = describe(load_config(args.model))
     if args.json:

@@ -1,4 +1,4 @@
-"""Configuration models: one frozen pydantic model per step (STYLE.md, ARCHITECTURE.md).
+"""Configuration models: one frozen pydantic model per step (docs/architecture.md).
 
 Every model here is validated before any heavy work starts. ``parse`` turns pydantic's
 errors into one :class:`E3PruneError` whose message names each bad field and what is allowed.

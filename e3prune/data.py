@@ -1,4 +1,4 @@
-"""Stage 0 — data sampling (METHOD.md): token budgets from a weighted mixture of sources.
+"""Stage 0 — data sampling (docs/method.md): token budgets from a weighted mixture of sources.
 
 Three splits, disjoint by whole documents and deterministic for a seed:
 
@@ -188,7 +188,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def _load_tokenizer(cfg: SampleConfig):
-    from e3prune.checkpoint import load_tokenizer
+    from e3prune.model_io import load_tokenizer
 
     p = Path(cfg.tokenizer).expanduser()
     if not p.is_dir():
@@ -418,7 +418,7 @@ def _source_needs(cfg: SampleConfig, split_tokens: dict[str, int]) -> list[dict[
 
 
 def _take(source: Source, needs: dict[str, int], tokenizer: Any, cfg: SampleConfig) -> None:
-    """Hand the source's shuffled documents to eval, then search, then distill (METHOD.md Stage 0)."""
+    """Hand the source's shuffled documents to eval, then search, then distill (docs/method.md, Stage 0)."""
     from tqdm.auto import tqdm
 
     docs = _documents(source, tokenizer, cfg.seed)

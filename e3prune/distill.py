@@ -1,4 +1,4 @@
-"""Entropy-aware distillation of the hardened student (METHOD.md, Stage 5).
+"""Entropy-aware distillation of the hardened student (docs/method.md, Stage 5).
 
 The student (a hardened checkpoint, all weights trainable by default) learns from the teacher's
 cached top-K logits (``e3prune.teacher``); the teacher is never loaded. The loss is
@@ -7,7 +7,7 @@ cached top-K logits (``e3prune.teacher``); the teacher is never loaded. The loss
     loss = Σ_t w_t · KL_t / T  +  λ · Σ_t (1 − h_t) · CE_t / T,   w_t = (ε + h_t)^γ / mean(w)
 
 ``loss="kd"`` is plain top-K KD (γ = 0, λ = 0) and ``loss="ce"`` plain fine-tuning on the next
-token, the two baselines METHOD.md asks the recovery benchmark to compare against.
+token, the two baselines docs/method.md asks the recovery benchmark to compare against.
 
 Distribution. The loop runs on :class:`accelerate.Accelerator`, so the same function runs in a
 plain process, under ``accelerate launch`` (DDP or FSDP, see ``configs/accelerate/fsdp_gpu.yaml``)
@@ -76,7 +76,7 @@ from tqdm.auto import tqdm
 
 from e3prune import storage
 from e3prune.adapters import get_adapter
-from e3prune.checkpoint import load_causal_lm, load_config, load_tokenizer, model_dir
+from e3prune.model_io import load_causal_lm, load_config, load_tokenizer, model_dir
 from e3prune.config import StepConfig
 from e3prune.data import tokenizer_fingerprint
 from e3prune.errors import E3PruneError
@@ -101,7 +101,7 @@ class DistillConfig(StepConfig):
 
     Default loss: plain top-K KD (``kd``). The recovery benchmark (benchmarks/results/recovery.md)
     found it best at both budgets on held-out perplexity *and* agreement, and on the search split
-    too; the entropy-aware loss (γ = 1, ε = 0.1, λ = 1, METHOD.md's probe winner) came second and
+    too; the entropy-aware loss (γ = 1, ε = 0.1, λ = 1, the paper's recipe) came second and
     CE-only last. γ, ε, λ apply when ``loss="entropy_kd"``. The learning
     rate, 3e-4, is a tenth of the reference model's pretraining peak (3e-3): recovery starts from
     trained weights and must not wash them out; for multi-billion-parameter students use ~1e-5.

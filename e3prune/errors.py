@@ -1,4 +1,4 @@
-"""The one exception type a user can cause (STYLE.md: errors a user can cause)."""
+"""The one exception type a user can cause."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Evaluation of teacher, pruned and distilled models (METHOD.md, Stage 6).
+"""Evaluation of teacher, pruned and distilled models (docs/method.md, Stage 6).
 
 For every model given — the teacher (the original), ``pruned`` (the hardened checkpoint before
 recovery) and ``student`` (the distilled checkpoint), at least one of the last two — on the eval
@@ -6,7 +6,7 @@ split of the sample step's data:
 
 - held-out perplexity, exp(Σ CE / N) over all N = sequences × (seq_len − 1) next-token positions
   (token-weighted, so every position counts once whatever the batching);
-- layers and parameter counts (:func:`e3prune.checkpoint.describe`);
+- layers and parameter counts (:func:`e3prune.model_io.describe`);
 - against the teacher, over all sequences × seq_len positions (a distribution exists at every
   position, the last included): top-1 agreement, the share of positions where both argmaxes are
   equal, and the mean KL(teacher ‖ model) over the *full* vocabulary,
@@ -92,7 +92,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from tqdm.auto import tqdm
 
 from e3prune import storage
-from e3prune.checkpoint import describe, load_causal_lm, load_config, load_tokenizer
+from e3prune.model_io import describe, load_causal_lm, load_config, load_tokenizer
 from e3prune.config import StepConfig
 from e3prune.data import load_split, read_manifest, tokenizer_fingerprint
 from e3prune.errors import E3PruneError

@@ -1,4 +1,4 @@
-"""Hardening (METHOD.md, Stage 4): a keep-set becomes a real, shallower checkpoint.
+"""Hardening (docs/method.md, Stage 4): a keep-set becomes a real, shallower checkpoint.
 
 A *fresh* model of the same class is built from a config with ``num_hidden_layers = k`` and
 every per-layer field sliced (the adapter's job), so attention's ``layer_idx`` is 0..k-1 and the
@@ -26,7 +26,7 @@ from torch import nn
 
 from e3prune import __version__, storage
 from e3prune.adapters import get_adapter
-from e3prune.checkpoint import DTYPES, load_causal_lm, load_config, load_tokenizer
+from e3prune.model_io import DTYPES, load_causal_lm, load_config, load_tokenizer
 from e3prune.config import StepConfig
 from e3prune.errors import E3PruneError
 from e3prune.masking import keep_from_removed, masked_view, validate_keep

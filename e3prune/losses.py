@@ -1,4 +1,4 @@
-"""Losses against the cached teacher top-K (METHOD.md, Stages 1, 3 and 5).
+"""Losses against the cached teacher top-K (docs/method.md, Stages 1, 3 and 5).
 
 The cache holds, per token, the teacher's top-K logit values v (K), their vocabulary ids (K) and
 the log-sum-exp of the full logits (lse). With lse the teacher's probabilities on its top-K are
@@ -81,7 +81,7 @@ def entropy_aware_kd_loss(
     *,
     weight_mean: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Entropy-aware top-K distillation loss (METHOD.md, Stage 5) and its parts for logging.
+    """Entropy-aware top-K distillation loss (docs/method.md, Stage 5) and its parts for logging.
 
     Per token t, over the teacher's top-K ids plus the tail bucket:
 

@@ -1,6 +1,6 @@
 """The masked model view: run a model with some decoder layers skipped, without copying weights.
 
-Each decoder layer F_l is wrapped in a :class:`GatedLayer` computing (METHOD.md, Stage 3)
+Each decoder layer F_l is wrapped in a :class:`GatedLayer` computing (docs/method.md, Stage 3)
 
     h ← h + m_l · (F_l(h) − h)
 

@@ -1,6 +1,6 @@
 """Tracking and model registry (MLflow): record a run, register the compressed model, gate its promotion.
 
-The last step of a pipeline run (ARCHITECTURE.md, ``register``) and the operator's ``promote`` /
+The last step of a pipeline run (docs/architecture.md, ``register``) and the operator's ``promote`` /
 ``rollback`` commands live here; nothing else in the library imports MLflow.
 
 Register (:func:`register`)
@@ -773,7 +773,7 @@ def _champion_check(cfg: PromoteConfig, challenger: ModelVersion, champion: Mode
 
 
 def gate_checks(cfg: PromoteConfig, challenger: ModelVersion, champion: ModelVersion | None) -> list[GateCheck]:
-    """The quality gate (issue 6): absolute thresholds, then the comparison with the champion."""
+    """The quality gate: absolute thresholds, then the comparison with the champion."""
     m = version_metrics(challenger)
     checks = [
         _bound_check(

@@ -3,7 +3,7 @@
 A schedule runs the pipeline on the same ``source_model`` every night; the first step turns it
 into the newest concrete release and asks the registry whether that release was compressed (at
 this ratio) before. Only a new release runs the rest (``dsl.If`` in the pipeline), so schedules
-are idempotent (ARCHITECTURE.md, "The flow").
+are idempotent (docs/architecture.md, "The flow").
 
 | source | newest release | revision |
 |---|---|---|

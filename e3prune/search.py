@@ -1,4 +1,4 @@
-"""Gumbel-TopK mask search (METHOD.md, Stage 3).
+"""Gumbel-TopK mask search (docs/method.md, Stage 3).
 
 Only the keep-logits θ ∈ ℝᴸ train; every model weight is frozen, so the backward pass computes
 activation gradients only. Each step, with g ~ Gumbel(0, 1)ᴸ, z = θ + g and kₜ layers to keep:
@@ -13,7 +13,7 @@ plus λ·CE on the next token. The curriculum lowers kₜ linearly from L − 1 
 ``curriculum_fraction`` of the steps; τ anneals exponentially from ``tau_start`` to ``tau_end``.
 θ is initialised from the KL importance of Stage 2 (standardised, times ``init_scale``).
 
-The final keep-set is chosen among a few candidates scored on the *search* split (METHOD.md
+The final keep-set is chosen among a few candidates scored on the *search* split (docs/method.md
 "Final selection"): the top-k of θ, the most frequent hard masks of the last steps, and single
 swaps across the keep/remove boundary of θ.
 
@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from e3prune import storage
-from e3prune.checkpoint import load_causal_lm, load_config, load_tokenizer
+from e3prune.model_io import load_causal_lm, load_config, load_tokenizer
 from e3prune.config import StepConfig
 from e3prune.data import tokenizer_fingerprint
 from e3prune.errors import E3PruneError

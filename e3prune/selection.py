@@ -1,5 +1,5 @@
 """Layer selectors: which n of L decoder layers to remove. One interface for the E³ search's KL
-initialisation (METHOD.md, Stage 2) and for every baseline the project keeps beside E³.
+initialisation (docs/method.md, Stage 2) and for every baseline the project keeps beside E³.
 
 A selector takes the model, a calibration batch (token ids with the teacher's cached top-K)
 and n, and returns a :class:`Selection`. Every criterion that needs a loss uses the masked view
@@ -342,7 +342,7 @@ class SelectConfig(StepConfig):
 def select_layers(cfg: SelectConfig) -> Selection:
     """The step: validate, load, run the selector on the calibration set, write ``selection.json``."""
     from e3prune import storage
-    from e3prune.checkpoint import load_causal_lm, load_config
+    from e3prune.model_io import load_causal_lm, load_config
     from e3prune.teacher import TeacherTopK
 
     config = load_config(cfg.model)

@@ -1,6 +1,6 @@
 """Where a source model comes from, and which immutable revision of it a run compresses.
 
-A pipeline parameter names the source as one string (ARCHITECTURE.md, "The flow"):
+A pipeline parameter names the source as one string (docs/architecture.md, "The flow"):
 
 | form | example | revision (immutable) |
 |---|---|---|
@@ -96,7 +96,7 @@ def resolve(uri: str, revision: str = "") -> ResolvedSource:
         found = _s3_revision(_s3_objects(uri))
     else:
         root = _local_root(uri, kind)
-        from e3prune.checkpoint import load_config
+        from e3prune.model_io import load_config
 
         load_config(root, FIELD)  # a directory that is not a supported model fails now, not in a later step
         found = _files_digest(root)

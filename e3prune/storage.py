@@ -5,7 +5,7 @@ files into the local directory that :func:`output_dir` yields, and reads its inp
 :func:`input_dir`. The contract that makes outputs trustworthy:
 
 - **Local**: the output is staged in a hidden sibling directory and renamed into place at the
-  end (:func:`e3prune.checkpoint.staged_output_dir`), so it is complete or absent.
+  end (:func:`staged_output_dir`), so it is complete or absent.
 - **S3**: an object store has no rename, so completeness is a marker. Every file is uploaded
   first; ``<prefix>/_COMPLETE.json`` — the size and sha256 of every file — is written last. A
   prefix without the marker is an interrupted or failed upload, and readers refuse it. Readers
@@ -31,7 +31,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from e3prune.checkpoint import check_output_dir, staged_output_dir
 from e3prune.errors import E3PruneError
 
 log = logging.getLogger(__name__)
@@ -161,7 +160,7 @@ def _keys(client, bucket: str, prefix: str) -> list[str]:
 def check_output(uri: str, overwrite: bool = False, field: str = "output") -> None:
     """Check, before any heavy work, that ``uri`` can receive a new output.
 
-    Local: see :func:`e3prune.checkpoint.check_output_dir`. S3: the bucket exists and is reachable
+    Local: see :func:`check_output_dir`. S3: the bucket exists and is reachable
     with the environment's credentials, and the prefix holds neither a complete output nor stray
     objects (an interrupted upload, or someone else's data) unless ``overwrite``.
     """
@@ -385,3 +384,47 @@ def _download(client, bucket: str, prefix: str, marker: dict, cached: Path, uri:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("downloaded and verified %d files of %s into %s", len(marker), uri, cached)
+
+
+# ---------------------------------------------------------------- local outputs, staged
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool, field: str = "output") -> Path:
+    """Check, before any heavy work, that ``path`` can be written as a new output directory."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise E3PruneError(f"{p} is a file; give a directory path", field=field)
+    if p.exists() and any(p.iterdir()) and not overwrite:
+        raise E3PruneError(f"{p} exists and is not empty; choose a new directory or pass overwrite", field=field)
+    parent = p.parent if p.parent != Path("") else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise E3PruneError(f"cannot create {parent}: {exc.strerror}", field=field) from None
+    if not os.access(parent, os.W_OK):
+        raise E3PruneError(f"{parent} is not writable", field=field)
+    return p
+
+
+@contextmanager
+def staged_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
+
+    On failure the temporary directory is removed and ``path`` is untouched, so a crashed or
+    rejected run never leaves an output directory that looks complete.
+    """
+    final = check_output_dir(path, overwrite)
+    tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

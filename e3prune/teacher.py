@@ -1,4 +1,4 @@
-"""The teacher top-K logits cache (METHOD.md, Stage 1).
+"""The teacher top-K logits cache (docs/method.md, Stage 1).
 
 One teacher pass over the chosen splits stores, per token, the top-K logit values (bf16), their
 vocabulary ids (int32) and the log-sum-exp of the full logits (fp32): 2K + 4K + 4 = 64 bytes a
@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from e3prune import storage
-from e3prune.checkpoint import load_causal_lm, load_config, load_tokenizer
+from e3prune.model_io import load_causal_lm, load_config, load_tokenizer
 from e3prune.config import StepConfig
 from e3prune.data import load_split, read_manifest, tokenizer_fingerprint
 from e3prune.errors import E3PruneError

@@ -1,4 +1,4 @@
-"""Submit the compiled e3-pruner pipeline to Kubeflow Pipelines, or schedule it (issue 6).
+"""Submit the compiled e3-pruner pipeline to Kubeflow Pipelines, or schedule it.
 
 ``e3prune submit`` uploads the pipeline (or a new version of it), gets or creates the
 experiment and starts one run; ``e3prune schedule`` does the same upload and then creates a
@@ -33,7 +33,7 @@ when that file exists, re-read on every request; otherwise ``$KF_PIPELINES_TOKEN
 a bearer token; otherwise none (a port-forward to a single-user KFP).
 
 Only this module (and the CLI commands that import it when called) imports kfp; the library
-``e3prune`` never does (ARCHITECTURE.md).
+``e3prune`` never does (docs/architecture.md).
 """
 
 from __future__ import annotations

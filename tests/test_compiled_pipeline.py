@@ -105,7 +105,7 @@ def test_each_component_has_its_readme_yaml_and_tests():
 
 
 def test_the_library_never_imports_kfp():
-    """ARCHITECTURE.md: dependencies point down; only the pipeline layer (and the CLI commands that
+    """docs/architecture.md: dependencies point down; only the pipeline layer (and the CLI commands that
     reach it, when called) import kfp."""
     import subprocess
     import sys

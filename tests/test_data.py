@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from e3prune import cli
-from e3prune.checkpoint import load_tokenizer
+from e3prune.model_io import load_tokenizer
 from e3prune.data import SampleConfig, builtin_corpus, load_split, read_manifest, sample_data, tokenizer_fingerprint
 from e3prune.errors import E3PruneError
 

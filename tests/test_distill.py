@@ -1,4 +1,4 @@
-"""Distillation (METHOD.md, Stage 5) as a step, on a tiny Qwen3 with the reference tokenizer: the
+"""Distillation (docs/method.md, Stage 5) as a step, on a tiny Qwen3 with the reference tokenizer: the
 student is a hardened copy of a tiny teacher whose top-K logits are cached over real sampled data.
 Covers training, the written checkpoint, 2 processes against 1, a real SIGKILL and resume, and the
 errors a user can cause."""

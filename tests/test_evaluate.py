@@ -1,4 +1,4 @@
-"""Evaluation (METHOD.md, Stage 6) as a step: tiny Qwen3 teacher / hardened / nudged student with the
+"""Evaluation (docs/method.md, Stage 6) as a step: tiny Qwen3 teacher / hardened / nudged student with the
 reference tokenizer on real sampled data, checked against hand computations; lm-eval for real on
 the shipped reference model and the shipped task; and the errors a user can cause."""
 

@@ -1,4 +1,4 @@
-"""The entropy-aware top-K distillation loss (METHOD.md, Stage 5) against values computed by hand."""
+"""The entropy-aware top-K distillation loss (docs/method.md, Stage 5) against values computed by hand."""
 
 import math
 

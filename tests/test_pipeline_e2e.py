@@ -1,4 +1,4 @@
-"""The whole pipeline, end to end, on real servers (issue 5, "Must show").
+"""The whole pipeline, end to end, on real servers.
 
 A real SeaweedFS (S3) and a real ``mlflow server`` (sqlite backend, artifacts proxied to that
 S3) are started by the fixtures; the compiled pipeline runs through ``kfp.local``'s subprocess

@@ -1,6 +1,6 @@
 """Recurring compression on real servers: release detection over SeaweedFS (S3) and a real
 ``mlflow server`` — a new version is detected once, a second scheduled run is a no-op, and two
-runs racing on one release register one version (issue 6)."""
+runs racing on one release register one version."""
 
 from __future__ import annotations
 

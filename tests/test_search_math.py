@@ -1,4 +1,4 @@
-"""The Gumbel-TopK sampler's math (METHOD.md, Stage 3), against hand-computed values."""
+"""The Gumbel-TopK sampler's math (docs/method.md, Stage 3), against hand-computed values."""
 
 import math
 

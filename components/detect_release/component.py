@@ -108,7 +108,7 @@ def detect_release(
     import logging
 
     from e3prune import releases, sources
-    from e3prune.checkpoint import load_config
+    from e3prune.model_io import load_config
     from e3prune.run_config import RunConfig
     from e3prune.selection import n_remove_for
 

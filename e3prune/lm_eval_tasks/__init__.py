@@ -1,4 +1,4 @@
-"""lm-evaluation-harness tasks shipped with e3prune (METHOD.md, Stage 6).
+"""lm-evaluation-harness tasks shipped with e3prune (docs/method.md, Stage 6).
 
 This directory is an lm-eval *include path*: ``TaskManager(include_path=TASK_DIR)`` (or
 ``lm-eval run --include_path``) finds the task YAML files in it. Their data live here too, so

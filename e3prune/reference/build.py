@@ -1,7 +1,7 @@
 """Build the shipped reference model: a small Qwen3 causal LM trained on the standard library.
 
 No model can be downloaded where this project is developed and tested, so the project trains
-its own (issue: the reference model). The corpus is the Python standard library's own source,
+its own. The corpus is the Python standard library's own source,
 which exists on every machine with Python. Files are split into train / held-out by a hash of
 their relative path, so the split does not depend on file order or on which other files exist.
 

@@ -1,5 +1,5 @@
 def test_trains_the_student_and_reports_its_curve_end(chain):
-    from e3prune.checkpoint import load_config, model_dir
+    from e3prune.model_io import load_config, model_dir
 
     out = chain.distill()
     uri = out["distilled"].metadata["uri"]

@@ -2,7 +2,7 @@ import json
 
 
 def test_writes_a_shallower_checkpoint_with_the_searched_layers(chain):
-    from e3prune.checkpoint import load_config, model_dir
+    from e3prune.model_io import load_config, model_dir
 
     model = chain.harden()["model"]
     keep = chain.search()["search"].metadata["keep"]

@@ -1,5 +1,4 @@
-"""Reading Hugging Face checkpoints from disk, describing them, and writing output directories
-so that nothing looks complete until it is.
+"""Reading Hugging Face checkpoints from disk (local or ``s3://``) and describing them.
 
 Every function that takes a model path checks it *before* loading weights, so a wrong path or
 an unsupported architecture fails in a second with a clear message, not after minutes of I/O.
@@ -9,15 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from e3prune import storage
 from e3prune.adapters import ArchitectureAdapter, get_adapter
 from e3prune.errors import E3PruneError
 
@@ -31,8 +27,6 @@ def model_dir(path: str | os.PathLike, field: str = "model") -> Path:
     verified cache (:func:`e3prune.storage.input_dir`), so every step reads checkpoints by URI.
     """
     if str(path).startswith("s3://"):
-        from e3prune import storage  # storage imports this module; import on use
-
         path = storage.input_dir(str(path), field)
     p = Path(path)
     if not p.exists():
@@ -118,44 +112,3 @@ def _index_fields(adapter: ArchitectureAdapter, config: Any) -> dict[str, Any]:
         return {}
     names = adapter.index_fields(config, list(range(config.num_hidden_layers))).keys()
     return {n: getattr(config, n, None) for n in names}
-
-
-def check_output_dir(path: str | os.PathLike, overwrite: bool, field: str = "output") -> Path:
-    """Check, before any heavy work, that ``path`` can be written as a new output directory."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise E3PruneError(f"{p} is a file; give a directory path", field=field)
-    if p.exists() and any(p.iterdir()) and not overwrite:
-        raise E3PruneError(f"{p} exists and is not empty; choose a new directory or pass overwrite", field=field)
-    parent = p.parent if p.parent != Path("") else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise E3PruneError(f"cannot create {parent}: {exc.strerror}", field=field) from None
-    if not os.access(parent, os.W_OK):
-        raise E3PruneError(f"{parent} is not writable", field=field)
-    return p
-
-
-@contextmanager
-def staged_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
-
-    On failure the temporary directory is removed and ``path`` is untouched, so a crashed or
-    rejected run never leaves an output directory that looks complete.
-    """
-    final = check_output_dir(path, overwrite)
-    tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
