@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 
 SOURCE = "builtin:reference"
-SMALL = {"seq_len": 64, "search_split_tokens": 4096, "distill_split_tokens": 4096, "eval_split_tokens": 2048}
+# The pipeline's parameters for the chain; each step gets its part as detect_release hands it on.
+SMALL = {"seq_len": 64, "search_split_tokens": 4096, "distill_split_tokens": 4096, "eval_split_tokens": 2048,
+         "search_budget_tokens": 2048, "distill_budget_tokens": 2048, "distill_batch_size": 4}  # fmt: skip
+
+
+def step_params(**overrides) -> dict[str, dict]:
+    """Every step's parameters for the chain's run (``RunConfig.step_params``), by step."""
+    from e3prune.run_config import RunConfig
+
+    return RunConfig.parse({**SMALL, "data_sources": SOURCE, **overrides}).step_params()
 
 
 class Chain:
@@ -42,8 +51,8 @@ class Chain:
 
             out = {"data": self.art("Dataset", "data"), "summary": self.art("Markdown", "summary")}
             sample_data.python_func(
-                source_model=SOURCE, source_revision=self.revision(), data_sources=SOURCE,
-                storage_prefix=self.prefix, **out, **SMALL,
+                source_model=SOURCE, source_revision=self.revision(), params=step_params()["sample"],
+                storage_prefix=self.prefix, **out,
             )  # fmt: skip
             self.done["sample"] = out
         return self.done["sample"]
@@ -55,7 +64,7 @@ class Chain:
             out = {"cache": self.art("Dataset", "cache")}
             teacher_logits.python_func(
                 source_model=SOURCE, source_revision=self.revision(), data=self.sample()["data"],
-                storage_prefix=self.prefix, **out,
+                storage_prefix=self.prefix, params=step_params()["teacher"], **out,
             )  # fmt: skip
             self.done["teacher"] = out
         return self.done["teacher"]
@@ -68,7 +77,7 @@ class Chain:
                    "plot": self.art("HTML", "plot")}  # fmt: skip
             returned = search_mask.python_func(
                 source_model=SOURCE, source_revision=self.revision(), teacher_cache=self.teacher()["cache"],
-                storage_prefix=self.prefix, search_budget_tokens=2048, **out,
+                storage_prefix=self.prefix, params=step_params()["search"], **out,
             )  # fmt: skip
             self.done["search"] = {**out, "returned": returned}
         return self.done["search"]
@@ -92,7 +101,7 @@ class Chain:
             out = {"distilled": self.art("Model", "distilled"), "metrics": self.art("Metrics", "metrics")}
             distill.python_func(
                 model=self.harden()["model"], teacher_cache=self.teacher()["cache"], storage_prefix=self.prefix,
-                distill_budget_tokens=2048, distill_batch_size=4, **out,
+                params=step_params()["distill"], **out,
             )  # fmt: skip
             self.done["distill"] = out
         return self.done["distill"]
@@ -105,7 +114,8 @@ class Chain:
                    "report": self.art("Markdown", "report")}  # fmt: skip
             evaluate.python_func(
                 source_model=SOURCE, source_revision=self.revision(), pruned=self.harden()["model"],
-                distilled=self.distill()["distilled"], data=self.sample()["data"], storage_prefix=self.prefix, **out,
+                distilled=self.distill()["distilled"], data=self.sample()["data"], storage_prefix=self.prefix,
+                params=step_params()["evaluate"], **out,
             )  # fmt: skip
             self.done["evaluate"] = out
         return self.done["evaluate"]

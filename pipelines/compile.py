@@ -1,7 +1,8 @@
 """Compile the pipeline and every component to the YAML files committed beside them.
 
-``e3prune compile`` (or ``python -m e3prune_pipelines.compile``) rewrites
-``pipelines/e3_pruner/pipeline.yaml`` (upload it in the Kubeflow UI) and
+``e3prune compile`` (or ``python -m e3prune_pipelines.compile``) first regenerates
+``components/detect_release/component.py`` from ``RunConfig`` (the one component that takes every
+pipeline parameter), then rewrites ``pipelines/e3_pruner/pipeline.yaml`` (upload it in the Kubeflow UI) and
 ``components/<name>/component.yaml`` (reuse a step in another pipeline) with the README beside
 it (inputs and outputs from the component's interface). ``--check`` compiles
 into a temporary directory and fails on any difference instead, which is what the drift test
@@ -86,6 +87,18 @@ def component_readme(name: str, component) -> str:
     )
 
 
+def regenerate_sources() -> bool:
+    """Rewrite the generated component source; reload what imported the stale one. True if it changed."""
+    from e3prune_components.detect_release import generate
+
+    if not generate.write():
+        return False
+    for module in ("e3prune_components.detect_release.component", "e3prune_pipelines.e3_pruner.pipeline"):
+        if module in sys.modules:
+            importlib.reload(sys.modules[module])
+    return True
+
+
 def compile_all(into: Path | None = None) -> dict[str, Path]:
     """Compile everything; into ``into`` (flat) when given, else over the committed files."""
     from kfp import compiler
@@ -104,7 +117,11 @@ def compile_all(into: Path | None = None) -> dict[str, Path]:
 
 def check() -> list[str]:
     """Names whose committed YAML differs from a fresh compile, with a short diff each."""
+    from e3prune_components.detect_release import generate
+
     problems = []
+    if not generate.is_current():
+        problems.append(f"{generate.TARGET} is out of date with RunConfig; run `e3prune compile`")
     with tempfile.TemporaryDirectory() as tmp:
         fresh = compile_all(Path(tmp))
         pairs = [(fresh[name], committed) for name, (_, committed) in targets().items()]
@@ -129,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         for p in problems:
             print(p, file=sys.stderr)
         return 1 if problems else 0
+    if regenerate_sources():
+        print("detect_release: regenerated its component.py from RunConfig")
     for name, path in compile_all().items():
         print(f"{name}: {path}")
     return 0

@@ -7,6 +7,7 @@ fresh directory and reads the parameters back.
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,22 +18,28 @@ def call_detect_release(tmp_path: Path, **params) -> SimpleNamespace:
 
     from e3prune.run_config import RunConfig
     from e3prune_components.detect_release.component import detect_release
+    from e3prune_components.detect_release.generate import STEP_OUTPUTS, TEXT_OUTPUTS
 
     d = tmp_path / f"detect-{uuid.uuid4().hex[:8]}"
     d.mkdir(parents=True)
-    paths = {name: str(d / name) for name in ("source_uri", "source_revision_resolved", "existing_version")}
-    is_new = detect_release.python_func(
+    steps = [f"{s}_params" for s in STEP_OUTPUTS]
+    paths = {name: str(d / name) for name in (*TEXT_OUTPUTS, *steps)}
+    action = detect_release.python_func(
         **{**RunConfig().model_dump(), **params},
         run_config=dsl.Artifact(name="run_config", uri=str(d / "run_config.json"), metadata={}),
         plan=dsl.Markdown(name="plan", uri=str(d / "plan.md"), metadata={}),
         **paths,
     )
     values = {name: Path(p).read_text() for name, p in paths.items()}
+    params = {s: json.loads(values[f"{s}_params"]) for s in STEP_OUTPUTS}
     return SimpleNamespace(
-        is_new=is_new,
+        action=action,
+        is_new=action == "compress",
+        pending_gate_version=values["pending_gate_version"],
         source_uri=values["source_uri"],
         source_revision=values["source_revision_resolved"],
         existing_version=values["existing_version"],
         plan=(d / "plan.md").read_text(),
         run_config=d / "run_config.json",
+        params=params,
     )

@@ -31,7 +31,7 @@ def test_components_install_nothing_at_run_time_and_use_the_one_image():
     from e3prune_components.image import DEFAULT_IMAGE
 
     executors = _spec()["deploymentSpec"]["executors"]
-    assert len(executors) == len(STEPS)
+    assert len(executors) == len(STEPS) + 1  # promote twice: after register, and the gate-only branch
     for name, ex in executors.items():
         container = ex["container"]
         assert container["image"] == DEFAULT_IMAGE, name
@@ -53,21 +53,29 @@ def test_every_parameter_has_a_default_and_a_description():
 STEPS = set(PIPELINE_STEPS)
 
 
+def _branch(spec: dict, name: str, display: str, action: str) -> dict:
+    task = spec["root"]["dag"]["tasks"][name]
+    assert task["taskInfo"]["name"] == display
+    condition = task["triggerPolicy"]["condition"]
+    assert "detect-release-Output" in condition and condition.endswith(f"== '{action}'"), condition
+    return spec["components"][f"comp-{name}"]["dag"]["tasks"]
+
+
 def _tasks() -> dict:
     spec = _spec()
-    tasks = dict(spec["root"]["dag"]["tasks"])
-    inner = tasks.pop("condition-1")
-    assert inner["taskInfo"]["name"] == "new-release"
-    condition = inner["triggerPolicy"]["condition"]
-    assert "detect-release-Output" in condition and condition.endswith("== true")
-    tasks.update(spec["components"]["comp-condition-1"]["dag"]["tasks"])
+    tasks = {"detect-release": spec["root"]["dag"]["tasks"]["detect-release"]}
+    tasks.update(_branch(spec, "condition-1", "new-release", "compress"))
     return tasks
 
 
-def test_only_a_new_release_runs_the_compression():
+def test_only_a_new_release_runs_the_compression_and_a_pending_gate_runs_alone():
     spec = _spec()
-    assert set(spec["root"]["dag"]["tasks"]) == {"detect-release", "condition-1"}
+    assert set(spec["root"]["dag"]["tasks"]) == {"detect-release", "condition-1", "condition-2"}
     assert set(_tasks()) == STEPS
+    (gate,) = _branch(spec, "condition-2", "pending-gate", "gate").values()
+    assert gate["taskInfo"]["name"] == "promote" and not gate["cachingOptions"].get("enableCache")
+    version = gate["inputs"]["parameters"]["version"]["componentInputParameter"]
+    assert version == "pipelinechannel--detect-release-pending_gate_version"
 
 
 def test_retries_caching_resources_and_credentials_per_step():
@@ -86,7 +94,7 @@ def test_retries_caching_resources_and_credentials_per_step():
     docs = list(yaml.safe_load_all(_spec_path().read_text()))
     assert len(docs) == 2, "the kubernetes platform spec (secrets, config maps) is missing"
     k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert len(k8s) == len(STEPS)
+    assert len(k8s) == len(STEPS) + 1
     for name, ex in k8s.items():
         assert ex["secretAsEnv"][0]["secretName"] == S3_SECRET and ex["secretAsEnv"][0]["optional"], name
         assert ex["configMapAsEnv"][0]["configMapName"] == ENV_CONFIG_MAP, name

@@ -12,12 +12,8 @@ def distill(
     teacher_cache: Input[Dataset],
     storage_prefix: str,
     distilled: Output[Model],
+    params: dict,
     metrics: Output[Metrics],
-    distill_budget_tokens: int = 131072,
-    distill_loss: str = "kd",
-    distill_learning_rate: float = 0.0003,
-    distill_batch_size: int = 8,
-    distill_allow_repeat: bool = True,
 ):
     """Distills the pruned model from the cached teacher top-K logits (accelerate; resumable).
 
@@ -32,34 +28,24 @@ def distill(
         teacher_cache: Output of teacher_logits (with the distill split).
         storage_prefix: Where the checkpoint goes (s3://bucket/prefix or a directory); empty: into the artifact.
         distilled: The distilled checkpoint (metadata uri points at it).
+        params: The distill step's parameters, validated by detect_release (distill_params).
         metrics: Final loss, KL, tokens and tokens/s.
-        distill_budget_tokens: Tokens of distillation.
-        distill_loss: kd, entropy_kd or ce.
-        distill_learning_rate: Peak AdamW learning rate.
-        distill_batch_size: Sequences per micro-batch.
-        distill_allow_repeat: Cycle the distill split when the budget is larger than it.
     """
-    import hashlib
+    import json
     import logging
 
-    from e3prune.distill import distill
-    from e3prune.run_config import RunConfig
-    from e3prune_components.locations import URI_KEY, input_uri, work_uri
+    from e3prune import storage
+    from e3prune.distill import SUMMARY_FILE, DistillConfig, distill
+    from e3prune_components.locations import URI_KEY, input_uri, reusable, work_uri
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run = RunConfig.parse(
-        distill_budget_tokens=distill_budget_tokens,
-        distill_loss=distill_loss,
-        distill_learning_rate=distill_learning_rate,
-        distill_batch_size=distill_batch_size,
-        distill_allow_repeat=distill_allow_repeat,
-    )
-    out = work_uri(storage_prefix, "distill", distilled.path)
-    checkpoints = None
-    if storage_prefix:  # stable per task (the artifact URI survives retries), unlike the fresh output location
-        task = hashlib.sha256(distilled.uri.encode()).hexdigest()[:16]
-        checkpoints = f"{storage_prefix.rstrip('/')}/work/distill-checkpoints/{task}"
-    summary = distill(run.distill_config(input_uri(model), input_uri(teacher_cache), out, checkpoint_dir=checkpoints))
+    inputs = {"student": input_uri(model), "teacher_cache": input_uri(teacher_cache)}
+    # Keyed by the inputs: a retried or rerun task finds its checkpoints (<output>.ckpt) and resumes.
+    out = work_uri(storage_prefix, "distill", distilled.path, {**inputs, "params": params})
+    if reusable(out):
+        summary = json.loads(storage.read_file(out, SUMMARY_FILE, field="distilled"))
+    else:
+        summary = distill(DistillConfig.parse({**params, **inputs, "output": out, "overwrite": True}))
     distilled.metadata.update({URI_KEY: out, "steps": summary["steps"], "tokens": summary["tokens"]})
     for key, value in (summary.get("final") or {}).items():
         if value is not None:

@@ -16,10 +16,8 @@ def evaluate(
     storage_prefix: str,
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
+    params: dict,
     report: Output[Markdown],
-    eval_batch_size: int = 8,
-    lm_eval_tasks: str = "",
-    lm_eval_limit: int = 0,
 ):
     """Measures perplexity, agreement with the teacher, speed and lm-eval scores.
 
@@ -37,24 +35,27 @@ def evaluate(
         storage_prefix: Where metrics.json and summary.md go; empty: into the artifact.
         evaluation: metrics.json (stable schema) and summary.md.
         metrics: The headline numbers, flat (teacher.perplexity, student.perplexity_ratio, speedup.prefill, ...).
+        params: The evaluate step's parameters, validated by detect_release (evaluate_params).
         report: The summary table.
-        eval_batch_size: Sequences per forward.
-        lm_eval_tasks: Comma-separated lm-evaluation-harness tasks; empty: none.
-        lm_eval_limit: Items per lm-eval task; 0: all.
     """
+    import json
     import logging
 
     from e3prune import sources, storage
-    from e3prune.evaluate import SUMMARY_FILE, evaluate
+    from e3prune.evaluate import METRICS_FILE, SUMMARY_FILE, EvaluateConfig, evaluate
     from e3prune.report import flat_metrics
-    from e3prune.run_config import RunConfig
-    from e3prune_components.locations import URI_KEY, input_uri, work_uri
+    from e3prune_components.locations import URI_KEY, input_uri, reusable, work_uri
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run = RunConfig.parse(eval_batch_size=eval_batch_size, lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit)
     teacher = sources.fetch(source_model, source_revision)
-    out = work_uri(storage_prefix, "evaluate", evaluation.path)
-    result = evaluate(run.evaluate_config(str(teacher), input_uri(pruned), input_uri(distilled), input_uri(data), out))
+    models = {"teacher": str(teacher), "pruned": input_uri(pruned), "student": input_uri(distilled)}
+    inputs = {**models, "revision": source_revision, "data": input_uri(data), "params": params}
+    out = work_uri(storage_prefix, "evaluate", evaluation.path, inputs)
+    cfg = EvaluateConfig.parse({**params, **models, "data": input_uri(data), "output": out, "overwrite": True})
+    if reusable(out):
+        result = json.loads((storage.input_dir(out, field="evaluation") / METRICS_FILE).read_text())
+    else:
+        result = evaluate(cfg)
     flat = flat_metrics(result)
     for key, value in flat.items():
         metrics.log_metric(key, value)

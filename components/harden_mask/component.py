@@ -32,27 +32,23 @@ def harden_mask(
 
     from e3prune import sources, storage
     from e3prune.harden import HardenConfig, harden_checkpoint
-    from e3prune_components.locations import URI_KEY, input_uri, work_uri
+    from e3prune_components.locations import URI_KEY, input_uri, reusable, work_uri
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     found = json.loads((storage.input_dir(input_uri(search), field="search") / "search.json").read_text())
     src = sources.fetch(source_model, source_revision)
-    out = work_uri(storage_prefix, "harden_mask", model.path)
-    result = harden_checkpoint(
-        HardenConfig.parse(
-            model=str(src),
-            output=out,
-            keep_layers=found["keep"],
-            revision=source_revision,
-            method="e3_gumbel_topk",
-            metadata={"source_uri": source_model},
-        )
-    )
+    inputs = {"source": source_model, "revision": source_revision, "search": input_uri(search)}
+    out = work_uri(storage_prefix, "harden_mask", model.path, inputs)
+    if reusable(out):
+        pruning = json.loads(storage.read_file(out, "pruning.json", field="model"))
+        kept, removed = pruning["kept_layers"], pruning["removed_layers"]
+    else:
+        cfg = HardenConfig.parse(
+            model=str(src), output=out, keep_layers=found["keep"], revision=source_revision,
+            method="e3_gumbel_topk", metadata={"source_uri": source_model}, overwrite=True,
+        )  # fmt: skip
+        result = harden_checkpoint(cfg)
+        kept, removed = result.kept_layers, result.removed_layers
     model.metadata.update(
-        {
-            URI_KEY: out,
-            "kept_layers": result.kept_layers,
-            "removed_layers": result.removed_layers,
-            "num_hidden_layers": len(result.kept_layers),
-        }
+        {URI_KEY: out, "kept_layers": kept, "removed_layers": removed, "num_hidden_layers": len(kept)}
     )

@@ -17,13 +17,7 @@ def search_mask(
     search: Output[Artifact],
     metrics: Output[Metrics],
     plot: Output[HTML],
-    remove_ratio: float = 0.25,
-    search_budget_tokens: int = 614400,
-    search_batch_size: int = 8,
-    search_learning_rate: float = 0.05,
-    search_tau_start: float = 1.0,
-    search_tau_end: float = 0.05,
-    search_seed: int = 0,
+    params: dict,
 ) -> NamedTuple("Searched", keep_layers=str, removed_layers=str):
     """Searches the keep-mask with a Gumbel-TopK sampler; the model's weights stay frozen.
 
@@ -39,13 +33,7 @@ def search_mask(
         search: search.json (keep-set, θ, candidates) and trajectory.jsonl (θ, mask, loss per step).
         metrics: Final loss, tokens, seconds and tokens/s of the search.
         plot: θ per layer over the steps and the sampled masks.
-        remove_ratio: Fraction of decoder layers to remove, in (0, 1).
-        search_budget_tokens: Tokens the search trains on.
-        search_batch_size: Sequences per step.
-        search_learning_rate: Learning rate of θ.
-        search_tau_start: Temperature at the start.
-        search_tau_end: Temperature at the end.
-        search_seed: Seed of the Gumbel noise.
+        params: The search step's parameters, validated by detect_release (search_params).
 
     Returns:
         keep_layers: Comma-separated kept layer ids.
@@ -53,31 +41,24 @@ def search_mask(
     """
     import json
     import logging
-    import tempfile
     from collections import namedtuple
     from pathlib import Path
 
     from e3prune import sources, storage
     from e3prune.report import html_image, read_trajectory, search_plot_png
-    from e3prune.run_config import RunConfig
-    from e3prune.search import search_mask
-    from e3prune_components.locations import URI_KEY, input_uri, work_uri
+    from e3prune.search import SearchConfig, search_mask
+    from e3prune_components.locations import URI_KEY, input_uri, reusable, work_uri
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run = RunConfig.parse(
-        remove_ratio=remove_ratio,
-        search_budget_tokens=search_budget_tokens,
-        search_batch_size=search_batch_size,
-        search_learning_rate=search_learning_rate,
-        search_tau_start=search_tau_start,
-        search_tau_end=search_tau_end,
-        search_seed=search_seed,
-    )
     model = sources.fetch(source_model, source_revision)
-    out = work_uri(storage_prefix, "search_mask", search.path)
-    state = tempfile.mkdtemp(prefix="e3prune-search-state-") if storage.is_s3(out) else None
-    result = search_mask(run.search_config(str(model), input_uri(teacher_cache), out, state=state))
+    inputs = {"source": source_model, "revision": source_revision, "teacher_cache": input_uri(teacher_cache)}
+    # Keyed by the inputs: a retried or rerun task finds its resumable state (<output>.state) and continues.
+    out = work_uri(storage_prefix, "search_mask", search.path, {**inputs, "params": params})
+    if not reusable(out):
+        paths = {"model": str(model), "teacher_cache": input_uri(teacher_cache), "output": out}
+        search_mask(SearchConfig.parse({**params, **paths, "state": f"{out}.state", "overwrite": True}))
     local = storage.input_dir(out, field="search")
+    result = json.loads((local / "search.json").read_text())
     trajectory = read_trajectory(Path(local))
     search.metadata.update({URI_KEY: out, "keep": result["keep"], "removed": result["removed"]})
     if trajectory:

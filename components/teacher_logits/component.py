@@ -12,9 +12,8 @@ def teacher_logits(
     source_revision: str,
     data: Input[Dataset],
     storage_prefix: str,
+    params: dict,
     cache: Output[Dataset],
-    top_k: int = 10,
-    teacher_batch_size: int = 8,
 ):
     """Runs the teacher once over the search and distill splits and caches its top-K logits.
 
@@ -27,20 +26,23 @@ def teacher_logits(
         source_revision: The revision pinned by detect_release.
         data: Output of sample_data.
         storage_prefix: Where the cache goes (s3://bucket/prefix or a directory); empty: into the artifact.
+        params: The teacher step's parameters, validated by detect_release (teacher_params).
         cache: The top-K cache (metadata uri points at it).
-        top_k: Logits kept per token (K).
-        teacher_batch_size: Sequences per teacher forward.
     """
+    import json
     import logging
 
-    from e3prune import sources
-    from e3prune.run_config import RunConfig
-    from e3prune.teacher import teacher_logits
-    from e3prune_components.locations import URI_KEY, input_uri, work_uri
+    from e3prune import sources, storage
+    from e3prune.teacher import TeacherLogitsConfig, teacher_logits
+    from e3prune_components.locations import URI_KEY, input_uri, reusable, work_uri
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run = RunConfig.parse(top_k=top_k, teacher_batch_size=teacher_batch_size)
     model = sources.fetch(source_model, source_revision)
-    out = work_uri(storage_prefix, "teacher_logits", cache.path)
-    manifest = teacher_logits(run.teacher_config(model=str(model), data=input_uri(data), output=out))
-    cache.metadata.update({URI_KEY: out, "top_k": top_k, "bytes_per_token": manifest["bytes_per_token"]["logits"]})
+    inputs = {"source": source_model, "revision": source_revision, "data": input_uri(data), "params": params}
+    out = work_uri(storage_prefix, "teacher_logits", cache.path, inputs)
+    if reusable(out):
+        manifest = json.loads(storage.read_file(out, "manifest.json", field="cache"))
+    else:
+        paths = {"model": str(model), "data": input_uri(data), "output": out, "overwrite": True}
+        manifest = teacher_logits(TeacherLogitsConfig.parse({**params, **paths}))
+    cache.metadata.update({URI_KEY: out, "top_k": manifest["top_k"], "bytes_per_token": manifest["bytes_per_token"]["logits"]})

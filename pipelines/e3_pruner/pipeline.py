@@ -5,6 +5,10 @@ Compile with ``e3prune compile`` (or ``python -m e3prune_pipelines.e3_pruner.pip
 committed ``pipeline.yaml`` beside this file is what you upload in the Kubeflow UI, and a test
 fails when it drifts from a fresh compile.
 
+The pipeline's parameters are not written here: its signature and their descriptions are derived
+from :class:`e3prune.run_config.RunConfig`, i.e. from the step configs where each parameter is
+declared once. ``detect_release`` validates them all and hands each step its parameters.
+
 Cluster settings that are not run parameters are fixed at compile time, in one place each:
 - the image: ``components/image.py`` (``E3PRUNE_IMAGE``);
 - resources per step: :data:`RESOURCES` (kfp.local ignores them);
@@ -14,7 +18,13 @@ Cluster settings that are not run parameters are fixed at compile time, in one p
   pipeline parameters.
 """
 
+import inspect
+from dataclasses import dataclass
+
 from kfp import dsl, kubernetes
+from kfp.dsl import pipeline_channel
+
+from e3prune.run_config import RunConfig
 
 from e3prune_components.detect_release.component import detect_release
 from e3prune_components.distill.component import distill
@@ -28,9 +38,21 @@ from e3prune_components.search_mask.component import search_mask
 from e3prune_components.teacher_logits.component import teacher_logits
 
 PIPELINE_NAME = "e3-pruner"
-S3_SECRET = "e3-pruner-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and HF_TOKEN for gated hub models)
+S3_SECRET = "e3-pruner-s3"  # credentials: SECRET_KEYS, each optional
 ENV_CONFIG_MAP = "e3-pruner-env"  # keys AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, MLFLOW_TRACKING_URI
-SECRET_KEYS = {k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN")}
+# S3 keys, a hub token for gated models, and MLflow's own credential variables: a tracking URI
+# must not carry credentials (docs/operations.md, "Credentials and endpoints").
+SECRET_KEYS = {
+    k: k
+    for k in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "HF_TOKEN",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+    )
+}
 CONFIG_KEYS = {k: k for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "HF_ENDPOINT")}
 
 # Requests and limits per step for the default (CPU) build; a GPU cluster compiles its own
@@ -74,99 +96,60 @@ def _configure(task: dsl.PipelineTask, name: str, cache: bool = True) -> dsl.Pip
     return task
 
 
-def _compress(release: dsl.PipelineTask, p: dict) -> None:
-    """The steps after detect-release, inside its condition: every step reads the concrete release.
+@dataclass(frozen=True)
+class RunChannels:
+    """The run-level pipeline parameters the steps after detect-release read directly."""
 
-    ``p`` holds the pipeline's parameters (as pipeline channels), by name.
-    """
+    storage_prefix: pipeline_channel.PipelineParameterChannel
+    registered_model_name: pipeline_channel.PipelineParameterChannel
+    mlflow_tracking_uri: pipeline_channel.PipelineParameterChannel
+
+
+def _compress(release: dsl.PipelineTask, run: RunChannels) -> None:
+    """The steps after detect-release, inside its condition: every step reads the concrete release
+    and its parameters as detect-release validated them (``<step>_params``)."""
     source = release.outputs["source_uri"]
     revision = release.outputs["source_revision_resolved"]
-    data = _configure(
-        sample_data(
-            source_model=source,
-            source_revision=revision,
-            data_sources=p["data_sources"],
-            storage_prefix=p["storage_prefix"],
-            seq_len=p["seq_len"],
-            search_split_tokens=p["search_split_tokens"],
-            distill_split_tokens=p["distill_split_tokens"],
-            eval_split_tokens=p["eval_split_tokens"],
-            sample_seed=p["sample_seed"],
-            allow_repeat=p["allow_repeat"],
-        ),
-        "sample-data",
-    )
-    cache = _configure(
-        teacher_logits(
-            source_model=source,
-            source_revision=revision,
-            data=data.outputs["data"],
-            storage_prefix=p["storage_prefix"],
-            top_k=p["top_k"],
-            teacher_batch_size=p["teacher_batch_size"],
-        ),
-        "teacher-logits",
-    )
+    step = {name: release.outputs[f"{name}_params"] for name in ("sample", "teacher", "search", "distill", "evaluate")}
+    model = {"source_model": source, "source_revision": revision, "storage_prefix": run.storage_prefix}
+    data = _configure(sample_data(**model, params=step["sample"]), "sample-data")
+    cache = _configure(teacher_logits(**model, data=data.outputs["data"], params=step["teacher"]), "teacher-logits")
     search = _configure(
-        search_mask(
-            source_model=source,
-            source_revision=revision,
-            teacher_cache=cache.outputs["cache"],
-            storage_prefix=p["storage_prefix"],
-            remove_ratio=p["remove_ratio"],
-            search_budget_tokens=p["search_budget_tokens"],
-            search_batch_size=p["search_batch_size"],
-            search_learning_rate=p["search_learning_rate"],
-            search_tau_start=p["search_tau_start"],
-            search_tau_end=p["search_tau_end"],
-            search_seed=p["search_seed"],
-        ),
-        "search-mask",
+        search_mask(**model, teacher_cache=cache.outputs["cache"], params=step["search"]), "search-mask"
     )
-    pruned = _configure(
-        harden_mask(
-            source_model=source,
-            source_revision=revision,
-            search=search.outputs["search"],
-            storage_prefix=p["storage_prefix"],
-        ),
-        "harden-mask",
-    )
+    pruned = _configure(harden_mask(**model, search=search.outputs["search"]), "harden-mask")
     student = _configure(
         distill(
             model=pruned.outputs["model"],
             teacher_cache=cache.outputs["cache"],
-            storage_prefix=p["storage_prefix"],
-            distill_budget_tokens=p["distill_budget_tokens"],
-            distill_loss=p["distill_loss"],
-            distill_learning_rate=p["distill_learning_rate"],
-            distill_batch_size=p["distill_batch_size"],
-            distill_allow_repeat=p["distill_allow_repeat"],
+            storage_prefix=run.storage_prefix,
+            params=step["distill"],
         ),
         "distill",
     )
     evaluation = _configure(
         evaluate(
-            source_model=source,
-            source_revision=revision,
+            **model,
             pruned=pruned.outputs["model"],
             distilled=student.outputs["distilled"],
             data=data.outputs["data"],
-            storage_prefix=p["storage_prefix"],
-            eval_batch_size=p["eval_batch_size"],
-            lm_eval_tasks=p["lm_eval_tasks"],
-            lm_eval_limit=p["lm_eval_limit"],
+            params=step["evaluate"],
         ),
         "evaluate",
     )
+    _publish(release, search, student, evaluation, run)
+
+
+def _publish(release, search, student, evaluation, run: RunChannels) -> None:
+    """Export, register and promote: side effects per run, never served from Kubeflow's cache."""
     exported = _configure(
         export(
             distilled=student.outputs["distilled"],
             evaluation=evaluation.outputs["evaluation"],
-            storage_prefix=p["storage_prefix"],
-            registered_model_name=p["registered_model_name"],
-            source_model=source,
-            source_revision=revision,
+            storage_prefix=run.storage_prefix,
+            registered_model_name=run.registered_model_name,
+            source_model=release.outputs["source_uri"],
+            source_revision=release.outputs["source_revision_resolved"],
             run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         ),
         "export",
@@ -181,7 +164,7 @@ def _compress(release: dsl.PipelineTask, p: dict) -> None:
             exported=exported.outputs["exported"],
             run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-            mlflow_tracking_uri=p["mlflow_tracking_uri"],
+            mlflow_tracking_uri=run.mlflow_tracking_uri,
         ),
         "register",
         cache=False,  # a side effect in MLflow, idempotent per run
@@ -190,137 +173,60 @@ def _compress(release: dsl.PipelineTask, p: dict) -> None:
         promote(
             registered_model_name=registered.outputs["model_name"],
             version=registered.outputs["version"],
-            gate_max_perplexity_ratio=p["gate_max_perplexity_ratio"],
-            gate_min_speedup=p["gate_min_speedup"],
-            gate_lm_eval_min=p["gate_lm_eval_min"],
-            gate_require_better_than_champion=p["gate_require_better_than_champion"],
-            mlflow_tracking_uri=p["mlflow_tracking_uri"],
+            params=release.outputs["gate_params"],
+            mlflow_tracking_uri=run.mlflow_tracking_uri,
         ),
         "promote",
         cache=False,  # reads and moves aliases
     )
 
 
-@dsl.pipeline(name=PIPELINE_NAME)
-def e3_pruner_pipeline(
-    source_model: str = "builtin:reference",
-    source_revision: str = "",
-    registered_model_name: str = "e3-pruner-reference",
-    storage_prefix: str = "",
-    remove_ratio: float = 0.25,
-    data_sources: str = "builtin:reference",
-    seq_len: int = 256,
-    search_split_tokens: int = 65536,
-    distill_split_tokens: int = 131072,
-    eval_split_tokens: int = 65536,
-    sample_seed: int = 0,
-    allow_repeat: bool = False,
-    top_k: int = 10,
-    teacher_batch_size: int = 8,
-    search_budget_tokens: int = 614400,
-    search_batch_size: int = 8,
-    search_learning_rate: float = 0.05,
-    search_tau_start: float = 1.0,
-    search_tau_end: float = 0.05,
-    search_seed: int = 0,
-    distill_budget_tokens: int = 524288,
-    distill_loss: str = "kd",
-    distill_learning_rate: float = 0.0003,
-    distill_batch_size: int = 8,
-    distill_allow_repeat: bool = True,
-    eval_batch_size: int = 8,
-    lm_eval_tasks: str = "",
-    lm_eval_limit: int = 0,
-    mlflow_experiment: str = "e3-pruner",
-    mlflow_tracking_uri: str = "",
-    gate_max_perplexity_ratio: float = 1.5,
-    gate_min_speedup: float = 1.0,
-    gate_lm_eval_min: str = "",
-    gate_require_better_than_champion: bool = True,
-    force: bool = False,
-):
-    """Compresses a causal LM by removing whole decoder layers (E³-Pruner) and registers it in MLflow.
+def _signature() -> inspect.Signature:
+    """The pipeline's parameters: every field of RunConfig, with its default and KFP type."""
+    from e3prune_components.detect_release.generate import kfp_type
 
-    Args:
-        source_model: Model to compress: a hub id (org/name), s3://bucket/prefix (a model, or a folder of version folders: the newest is taken), models:/name (newest MLflow version), a directory in the image, or builtin:reference (the small shipped model).
-        source_revision: Pin a release (hub branch, tag or commit; S3 version folder name; content sha256); empty: the newest.
-        registered_model_name: MLflow registered model that gets the new version (alias challenger).
-        storage_prefix: s3://bucket/prefix for step data (work/) and the exported model (models/); empty keeps everything in KFP artifacts (small models only).
-        remove_ratio: Fraction of decoder layers to remove, in (0, 1); rounded to whole layers.
-        data_sources: Comma-separated data sources (jsonl/parquet/text files, hub dataset ids, builtin:reference) or a JSON list of {uri, weight, text_field, messages_field, split}.
-        seq_len: Tokens per packed sequence (at most the model's positions).
-        search_split_tokens: Tokens sampled for the search split.
-        distill_split_tokens: Tokens sampled for the distill split.
-        eval_split_tokens: Tokens sampled for the eval split (evaluation only, never for choices).
-        sample_seed: Seed of the data sampler.
-        allow_repeat: Let the sampler cycle documents when the sources are smaller than the budgets.
-        top_k: Teacher logits cached per token (K).
-        teacher_batch_size: Sequences per teacher forward.
-        search_budget_tokens: Tokens the Gumbel-TopK search trains on.
-        search_batch_size: Sequences per search step.
-        search_learning_rate: Learning rate of the keep-logits.
-        search_tau_start: Gumbel-TopK temperature at the start.
-        search_tau_end: Gumbel-TopK temperature at the end.
-        search_seed: Seed of the Gumbel noise.
-        distill_budget_tokens: Tokens of distillation.
-        distill_loss: kd (plain top-K KD, the default), entropy_kd (E³ entropy-aware) or ce.
-        distill_learning_rate: Peak AdamW learning rate of distillation.
-        distill_batch_size: Sequences per distillation micro-batch.
-        distill_allow_repeat: Cycle the distill split when the budget is larger than it.
-        eval_batch_size: Sequences per evaluation forward.
-        lm_eval_tasks: Comma-separated lm-evaluation-harness tasks (e.g. python_stdlib_cloze); empty: none.
-        lm_eval_limit: Items per lm-eval task; 0: all.
-        mlflow_experiment: MLflow experiment of the run.
-        mlflow_tracking_uri: MLflow tracking URI; empty: MLFLOW_TRACKING_URI from the e3-pruner-env ConfigMap.
-        gate_max_perplexity_ratio: Promotion gate: distilled/teacher perplexity at most this.
-        gate_min_speedup: Promotion gate: prefill speedup over the teacher at least this.
-        gate_lm_eval_min: Promotion gate: JSON object of metric key to minimum, e.g. {"lm_eval.hellaswag.student.acc_norm": 0.5}; empty: none.
-        gate_require_better_than_champion: Promotion gate: perplexity not worse than the current champion of the same source.
-        force: Compress even when the registry holds this release at this ratio already.
-    """
-    release = _configure(
-        detect_release(
-            source_model=source_model,
-            source_revision=source_revision,
-            data_sources=data_sources,
-            seq_len=seq_len,
-            search_split_tokens=search_split_tokens,
-            distill_split_tokens=distill_split_tokens,
-            eval_split_tokens=eval_split_tokens,
-            sample_seed=sample_seed,
-            allow_repeat=allow_repeat,
-            top_k=top_k,
-            teacher_batch_size=teacher_batch_size,
-            remove_ratio=remove_ratio,
-            search_budget_tokens=search_budget_tokens,
-            search_batch_size=search_batch_size,
-            search_learning_rate=search_learning_rate,
-            search_tau_start=search_tau_start,
-            search_tau_end=search_tau_end,
-            search_seed=search_seed,
-            distill_budget_tokens=distill_budget_tokens,
-            distill_loss=distill_loss,
-            distill_learning_rate=distill_learning_rate,
-            distill_batch_size=distill_batch_size,
-            distill_allow_repeat=distill_allow_repeat,
-            eval_batch_size=eval_batch_size,
-            lm_eval_tasks=lm_eval_tasks,
-            lm_eval_limit=lm_eval_limit,
-            registered_model_name=registered_model_name,
-            storage_prefix=storage_prefix,
-            mlflow_experiment=mlflow_experiment,
-            mlflow_tracking_uri=mlflow_tracking_uri,
-            gate_max_perplexity_ratio=gate_max_perplexity_ratio,
-            gate_min_speedup=gate_min_speedup,
-            gate_lm_eval_min=gate_lm_eval_min,
-            gate_require_better_than_champion=gate_require_better_than_champion,
-            force=force,
-        ),
-        "detect-release",
-        cache=False,  # resolves moving revisions and asks the registry: must run every time
+    return inspect.Signature(
+        [
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default, annotation=kfp_type(f.annotation))
+            for name, f in RunConfig.model_fields.items()
+        ]
     )
-    with dsl.If(release.outputs["Output"] == True, name="new-release"):  # noqa: E712 - a KFP condition, not Python
-        _compress(release, {name: value for name, value in locals().items() if name != "release"})
+
+
+def _docstring() -> str:
+    from e3prune_components.detect_release.generate import sentence
+
+    args = "\n".join(f"    {name}: {sentence(f.description)}" for name, f in RunConfig.model_fields.items())
+    return (
+        "Compresses a causal LM by removing whole decoder layers (E³-Pruner) and registers it in MLflow.\n\n"
+        f"Args:\n{args}\n"
+    )
+
+
+def _pipeline(*args, **kwargs):
+    params = _signature().bind(*args, **kwargs).arguments  # KFP passes every parameter, by position
+    release = _configure(detect_release(**params), "detect-release", cache=False)  # resolves moving revisions
+    run = RunChannels(params["storage_prefix"], params["registered_model_name"], params["mlflow_tracking_uri"])
+    with dsl.If(release.outputs["Output"] == "compress", name="new-release"):
+        _compress(release, run)
+    with dsl.If(release.outputs["Output"] == "gate", name="pending-gate"):
+        # Registered by an earlier run whose gate never ran (killed or failed promote): the gate alone.
+        _configure(
+            promote(
+                registered_model_name=run.registered_model_name,
+                version=release.outputs["pending_gate_version"],
+                params=release.outputs["gate_params"],
+                mlflow_tracking_uri=run.mlflow_tracking_uri,
+            ),
+            "promote",
+            cache=False,
+        )
+
+
+_pipeline.__name__ = _pipeline.__qualname__ = "e3_pruner_pipeline"
+_pipeline.__signature__ = _signature()
+_pipeline.__doc__ = _docstring()
+e3_pruner_pipeline = dsl.pipeline(name=PIPELINE_NAME)(_pipeline)
 
 
 if __name__ == "__main__":
