@@ -27,7 +27,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: tuple[st
     """One ``--flag`` per field of a step's pydantic config, so the CLI never drifts from it.
 
     Flags default to ``None`` (= the config's own default); lists are comma-separated; booleans
-    get ``--x`` / ``--no-x``; Literal fields get their choices. Validation stays in the config.
+    get ``--x`` / ``--no-x``; Literal fields get their choices; ``%`` in help is escaped for
+    argparse. Validation stays in the config.
     """
     for name, field in config_cls.model_fields.items():
         if name in skip:
@@ -41,6 +42,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: tuple[st
         if not field.is_required():
             default = field.get_default(call_default_factory=True)
             help_text += f" (default: {default})" if default not in (None, "") else ""
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help (e.g. %(default)s)
         kwargs: dict = {"dest": name, "default": None, "help": help_text, "required": field.is_required()}
         origin = typing.get_origin(ann)
         if ann is bool:
@@ -82,7 +84,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from e3prune.evaluate import EvaluateConfig, evaluate, summary_markdown
+    from e3prune.evaluate import EvaluateConfig, evaluate
+    from e3prune.report import summary_markdown
 
     print(summary_markdown(evaluate(config_from_flags(EvaluateConfig, args))), end="")
     print(f"wrote {args.output}")
@@ -116,9 +119,17 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_config_docs(args: argparse.Namespace) -> int:
-    from e3prune.config_docs import render
+    from e3prune.config_docs import readme_with_table, render
 
-    print(render(), end="")
+    if not args.write:
+        print(render(), end="")
+        return 0
+    docs, readme = Path("docs/configuration.md"), Path("README.md")
+    if not docs.parent.is_dir() or not readme.is_file():
+        raise E3PruneError("run it from the repository root (it has README.md and docs/)", field="write")
+    docs.write_text(render())
+    readme.write_text(readme_with_table(readme.read_text()))
+    print(f"wrote {docs} and the pipeline parameters in {readme}")
     return 0
 
 
@@ -150,17 +161,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_harden(args: argparse.Namespace) -> int:
     from e3prune.harden import HardenConfig, harden_checkpoint
 
-    cfg = HardenConfig.parse(
-        model=args.model,
-        output=args.output,
-        keep_layers=args.keep_layers,
-        remove_layers=args.remove_layers,
-        revision=args.revision,
-        dtype=args.dtype,
-        verify=not args.no_verify,
-        overwrite=args.overwrite,
-    )
-    result = harden_checkpoint(cfg)
+    result = harden_checkpoint(config_from_flags(HardenConfig, args))
     v = result.verification
     print(f"kept {len(result.kept_layers)} layers {result.kept_layers}")
     print(f"removed {len(result.removed_layers)} layers {result.removed_layers}")
@@ -189,23 +190,16 @@ def _source_arg(text: str) -> dict[str, object]:
 def cmd_sample(args: argparse.Namespace) -> int:
     from e3prune.data import SPLITS, SampleConfig, sample_data
 
-    given = {
-        "tokenizer": args.tokenizer,
-        "seq_len": args.seq_len,
-        "search_tokens": args.search_tokens,
-        "distill_tokens": args.distill_tokens,
-        "eval_tokens": args.eval_tokens,
-        "seed": args.seed,
-        "shard_sequences": args.shard_sequences,
+    settings: dict[str, object] = {
+        k: v for k, v in vars(args).items() if k in SampleConfig.model_fields and k != "sources" and v is not None
     }
-    settings: dict[str, object] = {k: v for k, v in given.items() if v is not None}
     if args.source:
         per_source = {"text_field": args.text_field, "messages_field": args.messages_field, "split": args.split}
         per_source = {k: v for k, v in per_source.items() if v is not None}
         settings["sources"] = [{**src, **per_source} for src in args.source]
     elif args.text_field or args.messages_field or args.split:
         raise E3PruneError("--text-field, --messages-field and --split apply to --source; give one", field="sources")
-    cfg = SampleConfig.parse(settings, output=args.output, allow_repeat=args.allow_repeat, overwrite=args.overwrite)
+    cfg = SampleConfig.parse(settings)
     manifest = sample_data(cfg)
     for split in SPLITS:
         info = manifest["splits"][split]
@@ -271,8 +265,25 @@ def _metric_minimum(text: str) -> tuple[str, float]:
         ) from None
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    from e3prune.registration import register_run
+
+    result = register_run(
+        run_config=args.run_config,
+        search=args.search,
+        distilled=args.distilled,
+        evaluation=args.evaluation,
+        exported=args.exported,
+        run_key=args.run_key,
+        run_name=args.run_name,
+        tracking_uri=args.mlflow_tracking_uri,
+    )
+    print(result["summary_markdown"], end="")
+    return 0
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
-    from e3prune.registry import PromoteConfig, promote
+    from e3prune.gate import PromoteConfig, promote
 
     args.lm_eval_min = dict(args.lm_eval_min) if args.lm_eval_min else None
     result = promote(config_from_flags(PromoteConfig, args))
@@ -281,7 +292,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from e3prune.registry import rollback
+    from e3prune.gate import rollback
 
     result = rollback(args.model_name, tracking_uri=args.tracking_uri)
     print(f"{result['model_name']}: champion is version {result['champion']} again (was {result['rolled_back']})")
@@ -383,18 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
+    from e3prune.harden import HardenConfig
+
     p = sub.add_parser("harden", help="remove decoder layers and save a real, shallower checkpoint")
     p.add_argument("model", nargs="?", default=None, help="model directory (default: the shipped reference model)")
-    sel = p.add_mutually_exclusive_group(required=True)
-    sel.add_argument("--remove-layers", type=_int_list, help="layer ids to remove, e.g. 3,7,9")
-    sel.add_argument("--keep-layers", type=_int_list, help="layer ids to keep")
-    p.add_argument("--output", required=True, help="directory to write (must be new or empty, unless --overwrite)")
-    p.add_argument("--revision", help="source revision to record in pruning.json")
-    p.add_argument("--dtype", default="auto", help="auto (as saved), float32, bfloat16 or float16")
-    p.add_argument("--no-verify", action="store_true", help="skip the logits / cached-generation check")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    add_config_flags(p, HardenConfig, skip=("model", "metadata"))  # metadata: a library-only dict
     p.set_defaults(func=cmd_harden)
 
+    from e3prune.data import SampleConfig
     from e3prune.distill import DistillConfig
     from e3prune.evaluate import EvaluateConfig
     from e3prune.search import SearchConfig
@@ -433,23 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", help="field holding the text, for every --source (default: text)")
     p.add_argument("--messages-field", help="field holding chat messages, rendered with the chat template")
     p.add_argument("--split", help="split of hub datasets (default: train)")
-    p.add_argument("--tokenizer", help="model directory whose tokenizer to use (default: the reference model)")
-    p.add_argument("--seq-len", type=int, help="tokens per packed sequence (default: 256)")
-    p.add_argument("--search-tokens", type=int, help="budget of the search split (default: 65536)")
-    p.add_argument("--distill-tokens", type=int, help="budget of the distill split (default: 131072)")
-    p.add_argument("--eval-tokens", type=int, help="budget of the eval split (default: 65536)")
-    p.add_argument("--seed", type=int, help="shuffling seed (default: 0)")
-    p.add_argument("--shard-sequences", type=int, help="sequences per shard file (default: 1024)")
-    p.add_argument("--allow-repeat", action="store_true", help="cycle a split's own documents when data runs out")
-    p.add_argument("--output", required=True, help="directory or s3://bucket/prefix to write (must be new)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_config_flags(p, SampleConfig, skip=("sources",))
     p.set_defaults(func=cmd_sample)
 
     from e3prune.run_config import RunConfig
 
     p = sub.add_parser(
         "run",
-        help="run the whole pipeline locally with kfp.local (default: the shipped model, ~15 min on 2 cores)",
+        help="run the whole pipeline locally with kfp.local (default: the shipped model, about 7-8 min on 2 cores)",
     )
     p.add_argument("--output", default="runs/e3-pruner", help="directory for KFP outputs, data, models and MLflow")
     add_config_flags(p, RunConfig)
@@ -457,7 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile the pipeline and components to their committed YAML files")
     p.add_argument("--check", action="store_true", help="fail when the committed YAML differs from a fresh compile")
     p.set_defaults(func=cmd_compile)
-    from e3prune.registry import PromoteConfig
+    p = sub.add_parser("register", help="log a pipeline run's step outputs to MLflow and register its model")
+    p.add_argument("--run-config", required=True, help="run_config.json of detect-release")
+    steps = {"search": "search", "distilled": "distill", "evaluation": "evaluate", "exported": "export"}
+    for flag, step in steps.items():
+        p.add_argument(f"--{flag}", required=True, help=f"output of {step}: a directory or s3://bucket/prefix")
+    p.add_argument("--run-key", required=True, help="unique id of the pipeline run: a rerun reuses its run and version")
+    p.add_argument("--run-name", default="", help="MLflow run name (default: the run key)")
+    p.add_argument("--mlflow-tracking-uri", help="MLflow tracking URI (default: the run's, else MLFLOW_TRACKING_URI)")
+    p.set_defaults(func=cmd_register)
+    from e3prune.gate import PromoteConfig
 
     p = sub.add_parser(
         "promote",
@@ -478,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rollback)
     add_kfp_commands(sub)
     p = sub.add_parser("config-docs", help="print the configuration reference (docs/configuration.md)")
+    p.add_argument("--write", action="store_true", help="rewrite docs/configuration.md and README.md's parameter table")
     p.set_defaults(func=cmd_config_docs)
 
     ref = sub.add_parser("reference-model", help="the small model the project ships and trains itself")

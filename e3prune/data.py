@@ -16,102 +16,54 @@ all sources, shuffled together) are concatenated and cut into sequences of ``seq
 split holds ⌈budget / seq_len⌉ sequences: the budget, rounded up to whole sequences.
 
 Sources are tokenized lazily, only as far as the budgets need, so a large hub dataset costs
-the tokens that are sampled, not its whole size.
+the tokens that are sampled, not its whole size. What a source may be, and how its rows become
+documents, is :mod:`e3prune.data_sources`; this module samples, packs, writes and reads the splits.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+import shutil
+import tempfile
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from e3prune import __version__, reference, storage
-from e3prune.config import StepConfig
+from e3prune.config import PipelineParameter, StepConfig
+from e3prune.data_sources import (
+    BUILTIN_REFERENCE,
+    Source,
+    SourceSpec,
+    documents,
+    open_source,
+    open_tokenizer,
+    tokenizer_fingerprint,
+)
 from e3prune.errors import E3PruneError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+KIND = "sampled_data"  # the manifest's "kind"; a teacher cache says "teacher_cache"
 MANIFEST = "manifest.json"
+# While sampling, the documents read and the packed splits (all three, until they are written) are
+# both held as int32: about 8 bytes a token of the budgets. The shards take 4 bytes a token on disk.
+MEMORY_BYTES_PER_TOKEN = 8
+DISK_BYTES_PER_TOKEN = 4
 SPLITS = ("search", "distill", "eval")  # the order of the manifest
 FILL_ORDER = ("eval", "search", "distill")  # eval first: it must not move when other budgets change
-BUILTIN_REFERENCE = "builtin:reference"
-# Suffix -> the `datasets` builder that reads it. Longest suffixes first so ".jsonl.gz" wins over ".gz".
-FORMATS = {
-    ".jsonl.gz": "json",
-    ".json.gz": "json",
-    ".jsonl": "json",
-    ".json": "json",
-    ".parquet": "parquet",
-    ".txt": "text",
-}
-ALLOWED_SOURCES = (
-    f"{BUILTIN_REFERENCE}, a local {'/'.join(FORMATS)} file or a directory of them, "
-    "or a Hugging Face hub dataset id like 'org/name'"
-)
-HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-TOKENIZE_BATCH_DOCS = 256
-
-
-def builtin_corpus() -> Path:
-    """The shipped held-out corpus of the reference model (jsonl.gz of ``{"path", "text"}``)."""
-    # Looked up at call time: MODEL_DIR is the one place that says where the reference model is.
-    return reference.MODEL_DIR / "heldout_corpus.jsonl.gz"
 
 
 def _default_tokenizer() -> str:
     return str(reference.MODEL_DIR)
-
-
-def _data_format(path: Path) -> str | None:
-    name = path.name.lower()
-    return next((builder for suffix, builder in FORMATS.items() if name.endswith(suffix)), None)
-
-
-def _default_name(uri: str) -> str:
-    """``builtin:reference`` -> ``reference``; ``data/train.jsonl.gz`` -> ``train``; a hub id stays itself."""
-    if uri.startswith("builtin:"):
-        return uri.removeprefix("builtin:")
-    p = Path(uri.rstrip("/")).expanduser()
-    if HUB_ID.match(uri) and _data_format(p) is None and not p.exists():
-        return uri
-    suffix = next((s for s in FORMATS if p.name.lower().endswith(s)), "")
-    return p.name[: len(p.name) - len(suffix)] or p.name or uri
-
-
-class SourceSpec(BaseModel):
-    """One data source of the mixture."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    uri: str = Field(min_length=1, description=ALLOWED_SOURCES)
-    name: str = Field("", description="label in the manifest; default: derived from the uri")
-    weight: float = Field(1.0, gt=0, description="mixture weight; normalised over the sources")
-    text_field: str = Field("text", min_length=1, description="column holding the document text")
-    messages_field: str | None = Field(
-        None, min_length=1, description="column holding chat messages, rendered with the tokenizer's chat template"
-    )
-    split: str = Field("train", min_length=1, description="split of a hub dataset (local files have one)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _derive_name(cls, data: Any) -> Any:
-        if isinstance(data, str):
-            data = {"uri": data}
-        if isinstance(data, dict) and not data.get("name") and isinstance(data.get("uri"), str):
-            data = {**data, "name": _default_name(data["uri"])}
-        return data
 
 
 class SampleConfig(StepConfig):
@@ -119,12 +71,22 @@ class SampleConfig(StepConfig):
 
     sources: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(uri=BUILTIN_REFERENCE)], min_length=1)
     tokenizer: str = Field(default_factory=_default_tokenizer, description="model directory whose tokenizer to use")
-    seq_len: int = Field(256, ge=2, description="tokens per packed sequence; at most the model's positions")
-    search_tokens: int = Field(65536, ge=0, description="budget of the search split (0: empty split)")
-    distill_tokens: int = Field(131072, ge=0, description="budget of the distill split (0: empty split)")
-    eval_tokens: int = Field(65536, ge=0, description="budget of the eval split (0: empty split)")
-    seed: int = Field(0, ge=0)
-    allow_repeat: bool = Field(False, description="cycle a split's own documents when a source runs out")
+    seq_len: Annotated[int, PipelineParameter()] = Field(
+        256, ge=2, description="tokens per packed sequence; at most the model's positions"
+    )
+    search_tokens: Annotated[int, PipelineParameter("search_split_tokens")] = Field(
+        65536, ge=0, description="tokens sampled for the search split (0: empty split)"
+    )
+    distill_tokens: Annotated[int, PipelineParameter("distill_split_tokens")] = Field(
+        131072, ge=0, description="tokens sampled for the distill split (0: empty split)"
+    )
+    eval_tokens: Annotated[int, PipelineParameter("eval_split_tokens")] = Field(
+        65536, ge=0, description="tokens sampled for the eval split, for evaluation only, never for choices (0: empty split)"
+    )
+    seed: Annotated[int, PipelineParameter("sample_seed")] = Field(0, ge=0, description="seed of the data sampler")
+    allow_repeat: Annotated[bool, PipelineParameter()] = Field(
+        False, description="let the sampler cycle a split's own documents when the sources are smaller than the budgets"
+    )
     shard_sequences: int = Field(1024, ge=1, description="sequences per safetensors shard")
     output: str = Field(min_length=1, description="local directory or s3://bucket/prefix")
     overwrite: bool = False
@@ -142,262 +104,7 @@ class SampleConfig(StepConfig):
         return {"search": self.search_tokens, "distill": self.distill_tokens, "eval": self.eval_tokens}[split]
 
 
-@dataclass(frozen=True)
-class Document:
-    source: int  # index into the config's sources
-    row: int  # row in the source dataset: the document's identity, for disjointness
-    ids: np.ndarray  # int32 token ids, EOS last
-
-
-@dataclass
-class Source:
-    """A loaded source: the dataset, how to turn a row into text, and what was taken from it."""
-
-    index: int
-    spec: SourceSpec
-    dataset: Any  # datasets.Dataset
-    column: str
-    render: Callable[[Any, int], str]
-    fingerprint: str
-    tokens_read: int = 0
-    documents_read: int = 0
-    exhausted: bool = False
-    taken: dict[str, list[Document]] = field(default_factory=dict)
-    repeated: dict[str, bool] = field(default_factory=dict)
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of what maps text to ids: equal fingerprints mean equal token ids.
-
-    For a fast tokenizer that is its serialised ``tokenizers`` pipeline, without the padding and
-    truncation settings (runtime options that transformers toggles per call). For any other
-    tokenizer, its vocabulary with the added tokens.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        spec.pop("padding", None)
-        spec.pop("truncation", None)
-        text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
-    else:
-        text = json.dumps(sorted(tokenizer.get_vocab().items()), separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-# --------------------------------------------------------------------------- checks and loading
-
-
-def _load_tokenizer(cfg: SampleConfig):
-    from e3prune.model_io import load_tokenizer
-
-    p = Path(cfg.tokenizer).expanduser()
-    if not p.is_dir():
-        raise E3PruneError(f"{p} is not a directory; give a model directory that holds a tokenizer", field="tokenizer")
-    try:
-        tokenizer = load_tokenizer(p)
-    except (OSError, ValueError) as exc:
-        raise E3PruneError(f"the tokenizer in {p} cannot be loaded: {exc}", field="tokenizer") from None
-    if tokenizer is None:
-        raise E3PruneError(f"{p} has no tokenizer (tokenizer.json / tokenizer_config.json)", field="tokenizer")
-    if tokenizer.eos_token_id is None:
-        raise E3PruneError(f"the tokenizer in {p} has no EOS token, which separates documents", field="tokenizer")
-    positions = _max_positions(p)
-    if positions is not None and cfg.seq_len > positions:
-        raise E3PruneError(
-            f"{cfg.seq_len} is longer than the model's {positions} positions (max_position_embeddings); "
-            f"use at most {positions}",
-            field="seq_len",
-        )
-    return tokenizer
-
-
-def _max_positions(model_dir: Path) -> int | None:
-    """``max_position_embeddings`` from the directory's config.json (or its ``text_config``), if any."""
-    path = model_dir / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except ValueError:
-        return None
-    for c in (config, config.get("text_config") or {}):
-        if isinstance(c.get("max_position_embeddings"), int):
-            return c["max_position_embeddings"]
-    return None
-
-
-def _resolve(index: int, spec: SourceSpec) -> tuple[str, list[Path] | str]:
-    """``("local", [files])`` or ``("hub", dataset_id)``, or an error saying what the uri may be."""
-    field_name = f"sources.{index}.uri"
-    uri = spec.uri
-    if uri.startswith("builtin:"):
-        if uri != BUILTIN_REFERENCE:
-            raise E3PruneError(
-                f"unknown built-in source {uri!r}; the built-in source is {BUILTIN_REFERENCE}", field=field_name
-            )
-        corpus = builtin_corpus()
-        if not corpus.is_file():
-            raise E3PruneError(
-                f"the reference model's corpus {corpus} is missing; reinstall e3-pruner or rebuild the reference model",
-                field=field_name,
-            )
-        return "local", [corpus]
-    if "://" in uri:
-        raise E3PruneError(f"unknown source format {uri!r}; allowed: {ALLOWED_SOURCES}", field=field_name)
-    p = Path(uri).expanduser()
-    if p.is_file():
-        if _data_format(p) is None:
-            raise E3PruneError(f"unknown source format of {p}; allowed: {ALLOWED_SOURCES}", field=field_name)
-        return "local", [p]
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and _data_format(f) is not None)
-        if not files:
-            raise E3PruneError(f"{p} holds no {'/'.join(FORMATS)} files", field=field_name)
-        builders = {_data_format(f) for f in files}
-        if len(builders) > 1:
-            raise E3PruneError(
-                f"{p} mixes formats ({', '.join(sorted(builders))}); give one format per source", field=field_name
-            )
-        return "local", files
-    if uri.startswith(("/", ".", "~")) or _data_format(p) is not None or not HUB_ID.match(uri):
-        raise E3PruneError(
-            f"{p.absolute()} does not exist (a local source must be an existing file or directory)", field=field_name
-        )
-    return "hub", uri
-
-
-def _files_fingerprint(files: list[Path]) -> str:
-    """sha256 over the files' names and bytes: changes when any source file does."""
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
-
-
-def _open_source(index: int, spec: SourceSpec, tokenizer: Any) -> Source:
-    """Load one source and check, before any tokenizing, that it has the field and a document."""
-    from datasets import load_dataset
-
-    kind, target = _resolve(index, spec)
-    try:
-        if kind == "local":
-            files = target
-            builder = _data_format(files[0]) or "json"
-            dataset = load_dataset(builder, data_files={"train": [str(f) for f in files]}, split="train")
-            fingerprint = _files_fingerprint(files)
-        else:
-            dataset = load_dataset(target, split=spec.split)
-            fingerprint = dataset._fingerprint
-    except Exception as exc:  # noqa: BLE001 - any loader failure is the user's source; say which and why
-        what = "as a Hugging Face hub dataset" if kind == "hub" else "as data files"
-        raise E3PruneError(
-            f"cannot load {spec.uri!r} {what}: {type(exc).__name__}: {exc}", field=f"sources.{index}.uri"
-        ) from None
-
-    field_kind = "messages_field" if spec.messages_field else "text_field"
-    column = spec.messages_field or spec.text_field
-    if column not in dataset.column_names:
-        raise E3PruneError(
-            f"source {spec.name!r} ({spec.uri}) has no field {column!r}; its fields are: "
-            f"{', '.join(dataset.column_names)}",
-            field=f"sources.{index}.{field_kind}",
-        )
-    if spec.messages_field and not getattr(tokenizer, "chat_template", None):
-        raise E3PruneError(
-            f"the tokenizer has no chat template to render source {spec.name!r}'s messages with; "
-            "use a tokenizer that has one, or give plain text with text_field",
-            field=f"sources.{index}.messages_field",
-        )
-    render = _chat_renderer(index, spec, tokenizer) if spec.messages_field else _text_renderer(index, spec)
-    source = Source(index, spec, dataset.select_columns([column]), column, render, fingerprint)
-    _check_not_empty(source)
-    return source
-
-
-def _text_renderer(index: int, spec: SourceSpec) -> Callable[[Any, int], str]:
-    def render(value: Any, row: int) -> str:
-        if value is None:
-            return ""
-        if not isinstance(value, str):
-            raise E3PruneError(
-                f"source {spec.name!r} row {row}: field {spec.text_field!r} holds {type(value).__name__}, not text; "
-                "point text_field at a text column, or messages_field at chat messages",
-                field=f"sources.{index}.text_field",
-            )
-        return value
-
-    return render
-
-
-def _chat_renderer(index: int, spec: SourceSpec, tokenizer: Any) -> Callable[[Any, int], str]:
-    def render(value: Any, row: int) -> str:
-        if value is None or (isinstance(value, list) and not value):
-            return ""
-        if not (isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)):
-            raise E3PruneError(
-                f"source {spec.name!r} row {row}: field {spec.messages_field!r} is not a list of "
-                "{'role', 'content'} messages",
-                field=f"sources.{index}.messages_field",
-            )
-        try:
-            return tokenizer.apply_chat_template(value, tokenize=False)
-        except Exception as exc:  # noqa: BLE001 - a template error is about the data or the template
-            raise E3PruneError(
-                f"source {spec.name!r} row {row}: the chat template cannot render these messages: {exc}",
-                field=f"sources.{index}.messages_field",
-            ) from None
-
-    return render
-
-
-def _check_not_empty(source: Source) -> None:
-    """Scan in file order up to the first non-empty document (usually the first row)."""
-    n = source.dataset.num_rows
-    for start in range(0, n, 1024):
-        values = source.dataset[start : start + 1024][source.column]
-        if any(source.render(v, start + k).strip() for k, v in enumerate(values)):
-            return
-    raise E3PruneError(
-        f"source {source.spec.name!r} ({source.spec.uri}) has no non-empty documents in field {source.column!r} "
-        f"({n} rows)",
-        field=f"sources.{source.index}.uri",
-    )
-
-
 # --------------------------------------------------------------------------- sampling
-
-
-def _stable_int(text: str) -> int:
-    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
-
-
-def _documents(source: Source, tokenizer: Any, seed: int) -> Iterator[Document]:
-    """The source's non-empty documents in a seeded random order, tokenized in batches as needed.
-
-    The order depends on the seed and the source's *name*, not its position in the list, so
-    adding another source does not reshuffle this one.
-    """
-    n = source.dataset.num_rows
-    order = np.random.default_rng([seed, 0, _stable_int(source.spec.name)]).permutation(n)
-    eos = tokenizer.eos_token_id
-    for start in range(0, n, TOKENIZE_BATCH_DOCS):
-        rows = order[start : start + TOKENIZE_BATCH_DOCS].tolist()
-        values = source.dataset[rows][source.column]
-        texts = [(row, source.render(v, row)) for row, v in zip(rows, values, strict=True)]
-        texts = [(row, t) for row, t in texts if t.strip()]
-        if not texts:
-            continue
-        encoded = tokenizer(
-            [t for _, t in texts], add_special_tokens=False, return_attention_mask=False, verbose=False
-        )["input_ids"]
-        for (row, _), ids in zip(texts, encoded, strict=True):
-            arr = np.empty(len(ids) + 1, dtype=np.int32)
-            arr[:-1] = ids
-            arr[-1] = eos
-            yield Document(source.index, row, arr)
 
 
 def _split_tokens(cfg: SampleConfig) -> dict[str, int]:
@@ -421,7 +128,7 @@ def _take(source: Source, needs: dict[str, int], tokenizer: Any, cfg: SampleConf
     """Hand the source's shuffled documents to eval, then search, then distill (docs/method.md, Stage 0)."""
     from tqdm.auto import tqdm
 
-    docs = _documents(source, tokenizer, cfg.seed)
+    docs = documents(source, tokenizer, cfg.seed)
     source.taken = {s: [] for s in FILL_ORDER}
     got = dict.fromkeys(FILL_ORDER, 0)
     with tqdm(
@@ -547,24 +254,98 @@ def _pack(split: str, sources: list[Source], n_tokens: int, cfg: SampleConfig) -
 # --------------------------------------------------------------------------- the step
 
 
+def check_resources(cfg: SampleConfig, split_tokens: dict[str, int]) -> None:
+    """The budgets fit the memory sampling holds them in and the disk the shards go to.
+
+    The disk is the output's (its staging directory is a sibling), or for ``s3://`` the local
+    staging directory in the temp dir. Errors name the largest budget, with needed vs available.
+    """
+    total = sum(split_tokens.values())
+    field = f"{max(SPLITS, key=cfg.budget_tokens)}_tokens"
+    budgets = f"{total:,} tokens ({', '.join(f'{s} {split_tokens[s]:,}' for s in SPLITS)})"
+    need, have = MEMORY_BYTES_PER_TOKEN * total, available_memory()
+    if have is not None and need > have:
+        raise E3PruneError(
+            f"{budgets} need {_gb(need)} of memory while sampling ({MEMORY_BYTES_PER_TOKEN} bytes a token), "
+            f"but {_gb(have)} is available; lower {field}",
+            field=field,
+        )
+    s3 = storage.is_s3(cfg.output)
+    where = Path(tempfile.gettempdir()) if s3 else Path(cfg.output).absolute()
+    while not where.exists():
+        where = where.parent
+    need, have = DISK_BYTES_PER_TOKEN * total, shutil.disk_usage(where).free
+    if need > have:
+        raise E3PruneError(
+            f"{budgets} need {_gb(need)} of disk ({DISK_BYTES_PER_TOKEN} bytes a token), but {where} has "
+            f"{_gb(have)} free; lower {field}{' or point TMPDIR, where s3 outputs are staged, at a larger disk' if s3 else ''}",
+            field=field,
+        )
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB"
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still take: MemAvailable, capped by the cgroup's (a pod's) limit when it has one."""
+    have = None
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        have = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:"))) * 1024
+    except (OSError, StopIteration, ValueError):
+        pass
+    for cgroup, limit, usage, cache in (
+        ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),  # cgroup v2
+        ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),  # v1
+    ):
+        root = Path(cgroup)
+        try:
+            cap = int((root / limit).read_text())  # "max" (v2 without a limit) raises ValueError
+            used = int((root / usage).read_text())
+            stat = dict(line.split() for line in (root / "memory.stat").read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        if cap < 1 << 60:  # v1 says "no limit" with a huge number
+            room = cap - used + int(stat.get(cache, 0))  # inactive page cache is given back on demand
+            have = room if have is None else min(have, room)
+        break
+    return have
+
+
+
 def sample_data(cfg: SampleConfig) -> dict[str, Any]:
     """Sample the three splits, write shards and ``manifest.json`` to ``cfg.output``; return the manifest.
 
-    Everything a user can get wrong — output location, tokenizer, ``seq_len``, each source's
-    location, format and field, an empty source — is checked before tokenizing starts.
+    Everything a user can get wrong — output location, budgets beyond the free memory or disk,
+    tokenizer, ``seq_len``, each source's location, format and field, an empty source — is checked
+    before tokenizing starts.
     """
-    from safetensors.torch import save_file
-
     storage.check_output(cfg.output, cfg.overwrite)
-    tokenizer = _load_tokenizer(cfg)
-    sources = [_open_source(i, spec, tokenizer) for i, spec in enumerate(cfg.sources)]
-
     split_tokens = _split_tokens(cfg)
+    check_resources(cfg, split_tokens)
+    tokenizer = open_tokenizer(cfg.tokenizer, cfg.seq_len)
+    sources = [open_source(i, spec, tokenizer) for i, spec in enumerate(cfg.sources)]
+
     for source, needs in zip(sources, _source_needs(cfg, split_tokens), strict=True):
         _take(source, needs, tokenizer, cfg)
     packed = {s: _pack(s, sources, split_tokens[s], cfg) for s in SPLITS}
 
-    manifest: dict[str, Any] = {
+    manifest = _manifest(cfg, tokenizer, sources)
+    with storage.output_dir(cfg.output, cfg.overwrite) as out:
+        for split in SPLITS:
+            manifest["splits"][split] = _write_split(out, split, packed[split], cfg)
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    log.info(
+        "sampled %s into %s", ", ".join(f"{s} {manifest['splits'][s]['tokens']} tokens" for s in SPLITS), cfg.output
+    )
+    return manifest
+
+
+def _manifest(cfg: SampleConfig, tokenizer: Any, sources: list[Source]) -> dict[str, Any]:
+    """The manifest without its splits, which :func:`_write_split` fills in as it writes them."""
+    return {
+        "kind": KIND,
         "format_version": FORMAT_VERSION,
         "seq_len": cfg.seq_len,
         "seed": cfg.seed,
@@ -579,30 +360,28 @@ def sample_data(cfg: SampleConfig) -> dict[str, Any]:
         "sources": [_source_record(src, cfg) for src in sources],
         "e3prune_version": __version__,
     }
-    with storage.output_dir(cfg.output, cfg.overwrite) as out:
-        for split in SPLITS:
-            p = packed[split]
-            shards = []
-            for k, start in enumerate(range(0, len(p.input_ids), cfg.shard_sequences)):
-                rel = f"{split}/shard-{k:05d}.safetensors"
-                (out / split).mkdir(exist_ok=True)
-                chunk = torch.from_numpy(np.ascontiguousarray(p.input_ids[start : start + cfg.shard_sequences]))
-                save_file({"input_ids": chunk}, str(out / rel), metadata={"format": "pt"})
-                shards.append(rel)
-            manifest["splits"][split] = {
-                "budget_tokens": cfg.budget_tokens(split),
-                "sequences": len(p.input_ids),
-                "tokens": int(p.input_ids.size),
-                "shards": shards,
-                "tokens_by_source": p.tokens_by_source,
-                "documents": p.documents,
-                "repeated": p.repeated,
-            }
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    log.info(
-        "sampled %s into %s", ", ".join(f"{s} {manifest['splits'][s]['tokens']} tokens" for s in SPLITS), cfg.output
-    )
-    return manifest
+
+
+def _write_split(out: Path, split: str, p: PackedSplit, cfg: SampleConfig) -> dict[str, Any]:
+    """Write one split's shards of ``cfg.shard_sequences`` sequences under ``out``; return its manifest entry."""
+    from safetensors.torch import save_file
+
+    shards = []
+    for k, start in enumerate(range(0, len(p.input_ids), cfg.shard_sequences)):
+        rel = f"{split}/shard-{k:05d}.safetensors"
+        (out / split).mkdir(exist_ok=True)
+        chunk = torch.from_numpy(np.ascontiguousarray(p.input_ids[start : start + cfg.shard_sequences]))
+        save_file({"input_ids": chunk}, str(out / rel), metadata={"format": "pt"})
+        shards.append(rel)
+    return {
+        "budget_tokens": cfg.budget_tokens(split),
+        "sequences": len(p.input_ids),
+        "tokens": int(p.input_ids.size),
+        "shards": shards,
+        "tokens_by_source": p.tokens_by_source,
+        "documents": p.documents,
+        "repeated": p.repeated,
+    }
 
 
 def _source_record(source: Source, cfg: SampleConfig) -> dict[str, Any]:
@@ -629,13 +408,11 @@ def _source_record(source: Source, cfg: SampleConfig) -> dict[str, Any]:
 
 def _open(data_uri: str) -> tuple[Path, dict[str, Any]]:
     root = storage.input_dir(data_uri, field="data")
-    path = root / MANIFEST
-    if not path.is_file():
-        raise E3PruneError(f"{data_uri} is not sampled data: it has no {MANIFEST}; run `e3prune sample`", field="data")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as exc:
-        raise E3PruneError(f"{data_uri}/{MANIFEST} is not valid JSON: {exc}", field="data") from None
+    manifest = storage.read_json_manifest(data_uri, root / MANIFEST, "data", "give the output of `e3prune sample`")
+    kind = manifest.get("kind", "teacher_cache" if "top_k" in manifest else KIND)  # older manifests have no kind
+    if kind != KIND:
+        what = "a teacher cache" if kind == "teacher_cache" else f"an output of kind {kind!r}"
+        raise E3PruneError(f"{data_uri} is {what}, not sampled data; give the output of `e3prune sample`", field="data")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise E3PruneError(
             f"{data_uri} has data format {manifest.get('format_version')!r}; this e3prune reads {FORMAT_VERSION}",

@@ -65,7 +65,7 @@ def model_card(pruning: dict[str, Any], metrics: dict[str, Any] | None, cfg: Exp
     )
     lines += ["", f"Kept layers: `{kept}`", f"Removed layers: `{pruning.get('removed_layers')}`", ""]
     if metrics:
-        from e3prune.evaluate import summary_markdown
+        from e3prune.report import summary_markdown
 
         lines += ["## Evaluation", "", summary_markdown(metrics)]
     return "\n".join(lines) + "\n"

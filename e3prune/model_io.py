@@ -59,11 +59,36 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "auto", field: str = "m
     path = model_dir(path, field)  # the local copy of an s3:// checkpoint
     if dtype not in DTYPES:
         raise E3PruneError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}", field="dtype")
+    from safetensors import SafetensorError
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=False)
-    except OSError as exc:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], trust_remote_code=False, output_loading_info=True
+        )
+    except (OSError, SafetensorError) as exc:
         raise E3PruneError(f"{path} has a config but its weights cannot be loaded: {exc}", field=field) from None
+    check_loaded_weights(info, path, field)
     return model.eval()
+
+
+def check_loaded_weights(info: dict[str, list], path: str | os.PathLike, field: str) -> None:
+    """Refuse a checkpoint whose tensors do not match the model: transformers would fill a missing
+    weight with random values and drop an unexpected one, both silently (tied weights are not missing)."""
+    problems = []
+    for kind, names in (("missing", info.get("missing_keys")), ("unexpected", info.get("unexpected_keys"))):
+        names = sorted(names or [])
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            problems.append(f"{len(names)} {kind} ({shown})")
+    mismatched = [str(m[0]) if isinstance(m, tuple | list) else str(m) for m in info.get("mismatched_keys") or []]
+    if mismatched:
+        problems.append(f"{len(mismatched)} with the wrong shape ({', '.join(sorted(mismatched)[:5])})")
+    if problems:
+        raise E3PruneError(
+            f"{path}: the checkpoint's tensors do not match its config: {'; '.join(problems)}; "
+            "it is incomplete or from another model",
+            field=field,
+        )
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -3,7 +3,9 @@
 A schedule runs the pipeline on the same ``source_model`` every night; the first step turns it
 into the newest concrete release and asks the registry whether that release was compressed (at
 this ratio) before. Only a new release runs the rest (``dsl.If`` in the pipeline), so schedules
-are idempotent (docs/architecture.md, "The flow").
+are idempotent. A release counts as done once its version holds a gate decision; a version
+registered without one is reported by :mod:`e3prune.detect` as a pending gate, not as "nothing
+new" (docs/operations.md, "When a step fails").
 
 | source | newest release | revision |
 |---|---|---|
@@ -85,12 +87,12 @@ def newest_release(source: str, revision: str = "", tracking_uri: str | None = N
 
 
 def _mlflow_release(source: str, revision: str, tracking_uri: str | None) -> Release:
-    from e3prune.registry import _mlflow_session, resolve_tracking_uri
+    from e3prune.tracking import mlflow_session, resolve_tracking_uri
 
     parts = source[len(MLFLOW_PREFIX) :].strip("/").split("/")
     name, version = parts[0], (parts[1] if len(parts) > 1 else revision)
     uri = resolve_tracking_uri(tracking_uri)
-    with _mlflow_session(uri, "finding the newest version of the source") as client:
+    with mlflow_session(uri, "finding the newest version of the source") as client:
         if version:
             mv = client.get_model_version(name, version)
         else:
@@ -108,7 +110,10 @@ def release_tags(release: Release, remove_ratio: float) -> dict[str, str]:
 
 
 def compressed_version(model_name: str, release: Release, remove_ratio: float, tracking_uri: str | None = None):
-    """The registered version that already holds this release at this ratio, or ``None``."""
+    """The registered version that already holds this release at this ratio, or ``None``.
+
+    Its tags say whether the gate decided on it (:func:`e3prune.gate.gate_decision`).
+    """
     from e3prune.registry import find_versions
 
     found = find_versions(model_name, release_tags(release, remove_ratio), tracking_uri)  # none if no such model

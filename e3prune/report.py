@@ -1,4 +1,5 @@
-"""What a person reads about a run: flat metric names, the search plot, the final summary.
+"""What a person reads about a run: flat metric names, the search plot, the evaluation's
+``summary.md`` and the final summary.
 
 Used by the pipeline's steps (Kubeflow ``Metrics``/``HTML``/``Markdown`` outputs), the MLflow
 registration (metric keys and version tags) and ``e3prune run``'s closing summary, so all three
@@ -15,6 +16,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+# The speed measurement's reliability in the registry (docs/method.md, Stage 6): a metric the gate
+# reads (1.0 trusted, 0.0 not), and a version tag with the reason when it is not trusted.
+SPEED_RELIABLE_METRIC = "speedup.reliable"
+SPEED_REASON_TAG = "e3prune.speed.unreliable_reason"
+
 
 def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """``metrics.json`` of the evaluate step as ``{dotted.name: number}``.
@@ -22,7 +28,9 @@ def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     Names: ``<role>.perplexity`` / ``.loss`` / ``.layers`` / ``.parameters`` for teacher, pruned
     and student; ``<role>.top1_agreement`` / ``.kl`` / ``.perplexity_ratio`` / ``.gap_closed`` for
     the compared roles; ``speedup.prefill`` / ``speedup.decode`` (student, else pruned, over the
-    teacher); ``lm_eval.<task>.<role>.<metric>``.
+    teacher), ``speedup.reliable`` (1.0 or 0.0: whether the evaluate step trusted the timing) and
+    ``<role>.prefill_relative_spread`` / ``.decode_relative_spread`` ((max − min) / median of the
+    repeats); ``lm_eval.<task>.<role>.<metric>``.
     """
     out: dict[str, float] = {}
 
@@ -43,12 +51,25 @@ def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     for role, m in (speed.get("models") or {}).items():
         put(f"{role}.prefill_tokens_per_second", m.get("prefill_tokens_per_second"))
         put(f"{role}.decode_tokens_per_second", m.get("decode_tokens_per_second"))
+    for role, phases in (speed.get("relative_spread") or {}).items():
+        for phase, value in phases.items():
+            put(f"{role}.{phase}_relative_spread", value)
+    if isinstance(speed.get("reliable"), bool):  # absent from a metrics.json written before it was recorded
+        put(SPEED_RELIABLE_METRIC, 1.0 if speed["reliable"] else 0.0)
     for task, roles in (metrics.get("lm_eval") or {}).items():
         for role, values in roles.items():
             for name, value in (values or {}).items():
                 if name != "samples":
                     put(f"lm_eval.{task}.{role}.{name}", value)
     return out
+
+
+def speed_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
+    """Version tags about the speed measurement: the reason it is not trusted, when it is not."""
+    speed = metrics.get("speed") or {}
+    if speed.get("reliable") is False:
+        return {SPEED_REASON_TAG: str(speed.get("unreliable_reason") or "no reason recorded")[:4000]}
+    return {}
 
 
 def read_trajectory(search_dir: Path) -> list[dict[str, Any]]:
@@ -135,3 +156,126 @@ def run_summary(
             f"{registration.get('tracking_uri')}"
         )
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- the evaluation summary
+
+
+def _count(n: int) -> str:
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def summary_markdown(metrics: Mapping[str, Any]) -> str:
+    """``summary.md`` of the evaluate step, from its ``metrics.json``: one row per model, then the
+    recovered share of the perplexity gap, the speedup and what lm-eval scored."""
+    data = metrics["data"]
+    lines = [
+        "# Evaluation: teacher, pruned and distilled models",
+        "",
+        f"Held-out data: {data['sequences']:,} sequences × {data['seq_len']} tokens of the eval split of "
+        f"`{data['uri']}` ({data['scored_tokens']:,} next-token positions). Top-1 agreement and KL are "
+        "against the teacher, over the full vocabulary.",
+        "",
+        *_model_table(metrics),
+        "",
+        _gap_line(metrics["models"], metrics["comparisons"]),
+        *_speed_lines(metrics["speed"]),
+    ]
+    if metrics["lm_eval"]:
+        lines.append(_lm_eval_line(metrics["lm_eval"], metrics["config"].get("lm_eval_limit")))
+    return "\n".join(lines) + "\n"
+
+
+def _lm_eval_columns(lm_eval: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(task, metric) of every lm-eval score, stderrs and sample counts left out."""
+    return [
+        (task, name)
+        for task, by_role in lm_eval.items()
+        for name in sorted({k for scores in by_role.values() for k in scores})
+        if name != "samples" and not name.endswith("_stderr") and "_stderr," not in name
+    ]
+
+
+def _model_table(metrics: Mapping[str, Any]) -> list[str]:
+    """The Markdown table: a header, then one row per model given (teacher, pruned, student)."""
+    comparisons, speed, lm_eval = metrics["comparisons"], metrics["speed"], metrics["lm_eval"]
+    lm_columns = _lm_eval_columns(lm_eval)
+    header = ["model", "layers", "parameters", "held-out ppl", "ppl ratio", "top-1 agreement", "KL (nats/token)"]
+    header += ["prefill tok/s", "decode tok/s", *(f"{task} {name}" for task, name in lm_columns)]
+    rows = []
+    for role, m in metrics["models"].items():
+        if m is None:
+            continue
+        c = comparisons.get(role) or {}
+        s = (speed or {}).get("models", {}).get(role, {})
+        scores = [lm_eval[task].get(role, {}).get(name) for task, name in lm_columns]
+        rows.append(
+            [
+                role,
+                str(m["layers"]),
+                _count(m["parameters"]["total"]),
+                f"{m['perplexity']:.3f}",
+                "1.000" if role == "teacher" else _num(c.get("perplexity_ratio"), ".3f"),
+                _num(c.get("top1_agreement"), ".3f"),
+                _num(c.get("kl"), ".4f"),
+                _num(s.get("prefill_tokens_per_second"), ",.0f"),
+                _num(s.get("decode_tokens_per_second"), ",.0f"),
+                *(_num(v, ".3f") for v in scores),
+            ]
+        )
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _gap_line(models: Mapping[str, Any], comparisons: Mapping[str, Any]) -> str:
+    student = comparisons.get("student")
+    if models.get("student") is None:
+        return "No student was given, so no recovered share of the perplexity gap is reported."
+    if models.get("pruned") is None:
+        return "No pruned model was given, so the student's share of the recovered perplexity gap is not defined."
+    ppl = {r: m["perplexity"] for r, m in models.items() if m is not None}
+    if student["gap_closed"] is None:
+        return f"The pruned model's perplexity equals the teacher's ({ppl['teacher']:.3f}): there is no gap to close."
+    return (
+        f"The student closes {100 * student['gap_closed']:.1f} % of the pruned-vs-teacher perplexity gap "
+        f"(pruned {ppl['pruned']:.3f} → student {ppl['student']:.3f}; teacher {ppl['teacher']:.3f})."
+    )
+
+
+def _speed_lines(speed: Mapping[str, Any] | None) -> list[str]:
+    """One sentence per timed model: its speedup over the teacher and how it was measured; then,
+    when the measurement is not trusted, why."""
+    if speed is None:
+        return []
+    again = " (after measuring a second time)" if speed.get("remeasured") else ""
+    lines = [
+        f"The {role} runs {up['prefill']:.2f}× the teacher's prefill and {up['decode']:.2f}× its decode "
+        f"throughput ({speed['device']}, {speed['dtype']}, median of {speed['repeats']} interleaved runs{again}; "
+        f"prefill {speed['prefill']['batch']} × {speed['prefill']['length']} tokens without cache, decode "
+        f"{speed['decode']['batch']} × {speed['decode']['new_tokens']} greedy tokens with the KV cache after "
+        f"a {speed['decode']['prompt']}-token prompt)."
+        for role, up in speed["speedup"].items()
+    ]
+    if speed.get("reliable") is False:
+        lines.append(f"**Speed unreliable** (the promotion gate refuses it): {speed.get('unreliable_reason')}.")
+    return lines
+
+
+def _lm_eval_line(lm_eval: Mapping[str, Any], limit: int | None) -> str:
+    """Which tasks lm-eval ran, on how many items each."""
+    samples = {
+        task: next((s.get("samples") for s in by_role.values() if s.get("samples") is not None), None)
+        for task, by_role in lm_eval.items()
+    }
+    return (
+        "lm-eval: "
+        + ", ".join(f"{task} on {n} items" if n is not None else task for task, n in samples.items())
+        + (f" (limited to {limit} per task)" if limit else "")
+        + "."
+    )

@@ -1,24 +1,23 @@
 """Gumbel-TopK mask search (docs/method.md, Stage 3).
 
 Only the keep-logits θ ∈ ℝᴸ train; every model weight is frozen, so the backward pass computes
-activation gradients only. Each step, with g ~ Gumbel(0, 1)ᴸ, z = θ + g and kₜ layers to keep:
-
-    hard mask  m_h = 1[z_l among the top-kₜ of z]
-    soft mask  m_s = σ((z − c) / τ),  c = midpoint of the kₜ-th and (kₜ+1)-th largest z
-    mask       m   = m_h + m_s − stopgrad(m_s)        (straight-through: hard forward, soft backward)
-
-and every layer is gated, h ← h + m_l · (F_l(h) − h) (``e3prune.masking``). The loss is the
-per-token KL between the cached teacher top-K (+ tail) and the student, averaged over tokens,
-plus λ·CE on the next token. The curriculum lowers kₜ linearly from L − 1 to k over the first
-``curriculum_fraction`` of the steps; τ anneals exponentially from ``tau_start`` to ``tau_end``.
+activation gradients only. Each step samples a straight-through top-kₜ mask of θ plus Gumbel
+noise (``e3prune.gumbel_topk``, where the equations are) and gates every layer with it,
+h ← h + m_l · (F_l(h) − h) (``e3prune.masking``). The loss is the per-token KL between the cached
+teacher top-K (+ tail) and the student, averaged over tokens, plus λ·CE on the next token.
 θ is initialised from the KL importance of Stage 2 (standardised, times ``init_scale``).
 
 The final keep-set is chosen among a few candidates scored on the *search* split (docs/method.md
 "Final selection"): the top-k of θ, the most frequent hard masks of the last steps, and single
 swaps across the keep/remove boundary of θ.
 
-State (θ, Adam, RNG, step, trajectory) is saved every ``checkpoint_every_steps`` so that a
-killed search resumes and ends with the same mask as an uninterrupted one.
+The state (θ, the optimiser, the Gumbel generator, the data order, the trajectory, the step) is
+saved every ``checkpoint_every_steps`` to ``state`` (a local directory or an ``s3://`` URI;
+``e3prune.resumable``: tensors as safetensors, the rest as JSON, never a pickle), so a killed
+search, or a retried pod, resumes and ends with the same mask as an uninterrupted one.
+
+:func:`search_mask` is the step: set up (check the inputs, load) → resume or start → the steps →
+choose the keep-set → write ``search.json`` and ``trajectory.jsonl``.
 """
 
 from __future__ import annotations
@@ -26,28 +25,36 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 from tqdm.auto import tqdm
 
 from e3prune import storage
-from e3prune.model_io import load_causal_lm, load_config, load_tokenizer
-from e3prune.config import StepConfig
+from e3prune.config import PipelineParameter, StepConfig, open_unit_interval
 from e3prune.data import tokenizer_fingerprint
 from e3prune.errors import E3PruneError
+from e3prune.gumbel_topk import SharedScaleAdam, gumbel_topk_mask, keep_count, sample_gumbel, temperature
 from e3prune.losses import next_token_ce, topk_kl
 from e3prune.masking import gated_layers
+from e3prune.model_io import load_causal_lm, load_config, load_tokenizer
 from e3prune.reference import default_model
+from e3prune.resumable import ResumableState, load_tree, resume_key, save_tree
 from e3prune.selection import Calibration, Meter, kl_importance, masked_loss, n_remove_for
 from e3prune.teacher import TeacherTopK
 
 log = logging.getLogger(__name__)
+
+SEARCH_STATE = "search_state"  # search_state.json + search_state.safetensors in every checkpoint
+# Settings that may change between a killed search and its rerun without changing its result.
+NOT_RESUME_RELEVANT = {"output", "overwrite", "state", "checkpoint_every_steps"}
+MAX_SEARCH_TOKENS = 10**12  # far beyond any real search (the default is 0.6 M tokens): a typo, not a plan
 
 
 class SearchConfig(StepConfig):
@@ -56,15 +63,30 @@ class SearchConfig(StepConfig):
     model: str = Field(default_factory=default_model, description="checkpoint whose layers are searched")
     teacher_cache: str = Field(description="output of the teacher-logits step (must include the search split)")
     output: str = Field(description="where to write search.json and trajectory.jsonl")
-    remove_ratio: float = Field(0.25, description="fraction of decoder layers to remove, in (0, 1)")
-    search_tokens: int = Field(614_400, ge=1, description="token budget of the search (steps × batch × seq_len)")
-    batch_size: int = Field(8, ge=1, description="sequences per step")
-    learning_rate: float = Field(0.05, gt=0, le=10)
+    remove_ratio: Annotated[float, AfterValidator(open_unit_interval), PipelineParameter()] = Field(
+        0.25, description="fraction of decoder layers to remove, in (0, 1); rounded to whole layers"
+    )
+    search_tokens: Annotated[int, PipelineParameter("search_budget_tokens")] = Field(
+        614_400,
+        ge=1,
+        le=MAX_SEARCH_TOKENS,
+        description="tokens the Gumbel-TopK search trains on (steps × batch × seq_len)",
+    )
+    batch_size: Annotated[int, PipelineParameter("search_batch_size")] = Field(
+        8, ge=1, description="sequences per search step"
+    )
+    learning_rate: Annotated[float, PipelineParameter("search_learning_rate")] = Field(
+        0.05, gt=0, le=10, description="learning rate of the keep-logits θ"
+    )
     optimizer: Literal["shared_adam", "adam"] = Field(
         "shared_adam", description="shared_adam: one scale for all keep-logits (see SharedScaleAdam); adam: per-logit"
     )
-    tau_start: float = Field(1.0, gt=0)
-    tau_end: float = Field(0.05, gt=0)
+    tau_start: Annotated[float, PipelineParameter("search_tau_start")] = Field(
+        1.0, gt=0, description="Gumbel-TopK temperature at the start"
+    )
+    tau_end: Annotated[float, PipelineParameter("search_tau_end")] = Field(
+        0.05, gt=0, description="Gumbel-TopK temperature at the end (at most the start temperature)"
+    )
     curriculum: bool = Field(
         False,
         description="lower k from L-1 to k over curriculum_fraction of the steps (the paper's); off by default: "
@@ -82,112 +104,22 @@ class SearchConfig(StepConfig):
         0.25, gt=0, le=1, description="last fraction of steps whose masks are candidates"
     )
     checkpoint_every_steps: int = Field(25, ge=1)
-    state: str | None = Field(None, description="local directory for the resumable state (default: OUTPUT.state)")
-    seed: int = 0
+    state: str | None = Field(
+        None, description="local directory or s3:// URI for the resumable state (default: OUTPUT.state, beside it)"
+    )
+    seed: Annotated[int, PipelineParameter("search_seed")] = Field(0, ge=0, description="seed of the Gumbel noise")
     overwrite: bool = False
 
-    @model_validator(mode="after")
-    def _tau(self) -> SearchConfig:
-        if self.tau_end > self.tau_start:
-            raise ValueError(f"tau_end ({self.tau_end}) must not exceed tau_start ({self.tau_start})")
-        return self
-
-
-def keep_count(step: int, total_steps: int, n_layers: int, k: int, curriculum: bool, fraction: float) -> int:
-    """kₜ: linear from L − 1 down to k over the first ``fraction`` of the steps, then k."""
-    if not curriculum or n_layers - 1 <= k:
-        return k
-    ramp = max(1, round(fraction * total_steps))
-    progress = min(1.0, step / ramp)
-    return max(k, round((n_layers - 1) - progress * ((n_layers - 1) - k)))
-
-
-def temperature(step: int, total_steps: int, tau_start: float, tau_end: float) -> float:
-    """τ annealed exponentially from ``tau_start`` to ``tau_end`` over the steps."""
-    if total_steps <= 1:
+    @field_validator("tau_end")
+    @classmethod
+    def _tau(cls, tau_end: float, info: ValidationInfo) -> float:
+        tau_start = info.data.get("tau_start")
+        if tau_start is not None and tau_end > tau_start:
+            raise ValueError(f"must not exceed tau_start ({tau_start}), got {tau_end}")
         return tau_end
-    return tau_start * (tau_end / tau_start) ** (step / (total_steps - 1))
 
 
-def gumbel_topk_mask(
-    theta: torch.Tensor, k: int, tau: float, gumbel: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The straight-through mask m = m_h + m_s − stopgrad(m_s) and the hard mask m_h.
-
-    ``gumbel`` is the noise g (None: no noise). The threshold c is the midpoint between the k-th
-    and (k+1)-th largest z, treated as a constant of the step (no gradient through the sort).
-    """
-    z = theta if gumbel is None else theta + gumbel
-    n = z.numel()
-    order = torch.argsort(z.detach(), descending=True)
-    hard = torch.zeros_like(z)
-    hard[order[:k]] = 1.0
-    if k < n:
-        c = 0.5 * (z.detach()[order[k - 1]] + z.detach()[order[k]])
-    else:
-        c = z.detach()[order[-1]] - 1.0
-    soft = torch.sigmoid((z - c) / tau)
-    return hard + (soft - soft.detach()), hard  # (s − s) is exactly 0: the forward is exactly m_h
-
-
-def sample_gumbel(n: int, generator: torch.Generator) -> torch.Tensor:
-    u = torch.rand(n, generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
-    return (-torch.log(-torch.log(u))).float()
-
-
-class SharedScaleAdam(torch.optim.Optimizer):
-    """Adam on the centred gradient with one second moment for the whole of θ [ours].
-
-    Per-coordinate Adam moves every keep-logit by about lr a step whatever the size of its
-    gradient. When most layers' gradients say "keep me", they all rise together and the ranking
-    freezes, and a layer whose straight-through gradient is briefly wrong can sink past many
-    others: on the reference model at 40 % it removed layer 0, the one whose removal costs the
-    most (benchmarks/results/selection.md). Top-k and the soft mask do not change when a constant
-    is added to θ, so the gradient's mean carries nothing and is removed; one scale for all layers
-    keeps their relative sizes.
-
-        g = ∇θ − mean(∇θ);  m ← β₁m + (1 − β₁)g;  v ← β₂v + (1 − β₂)·mean(g²)
-        θ ← θ − lr · m̂ / (√v̂ + ε)
-    """
-
-    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad - p.grad.mean()
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros((), dtype=p.dtype)
-                state["step"] += 1
-                t = state["step"]
-                state["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).add_((g * g).mean(), alpha=1 - beta2)
-                m_hat = state["exp_avg"] / (1 - beta1**t)
-                v_hat = state["exp_avg_sq"] / (1 - beta2**t)
-                p.sub_(group["lr"] * m_hat / (v_hat.sqrt() + group["eps"]))
-
-
-def _state_dir(cfg: SearchConfig) -> Path:
-    if cfg.state:
-        return Path(cfg.state)
-    if storage.is_s3(cfg.output):
-        raise E3PruneError("an s3:// output needs a local `state` directory for the resumable state", field="state")
-    return Path(str(cfg.output).rstrip("/") + ".state")
-
-
-def _save_state(path: Path, state: dict) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "search_state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path / "search_state.pt")  # atomic: a kill mid-write leaves the previous state
+# --------------------------------------------------------------------------- final selection
 
 
 def final_candidates(
@@ -224,12 +156,99 @@ def final_candidates(
     return unique
 
 
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class SearchRun:
+    """What every part of one search shares: settings, frozen model, search split, plan, state store."""
+
+    cfg: SearchConfig
+    model: torch.nn.Module
+    data: dict[str, torch.Tensor]
+    n_layers: int
+    k: int
+    total_steps: int
+    tokens_per_step: int
+    store: ResumableState
+
+
+@dataclass
+class SearchState:
+    """Everything the next step depends on; a checkpoint holds all of it."""
+
+    step: int
+    theta: torch.nn.Parameter
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    order: torch.Tensor  # the seeded permutation of the search split that batches cycle through
+    trajectory: list[dict]
+    init_scores: list[float]
+    init_theta: list[float]
+    meter: Meter
+    seconds_before: float  # spent before this process resumed (earlier runs, the initialisation)
+    resumed_at: float = field(default_factory=time.time)
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.time() - self.resumed_at
+
+    def save(self, store: ResumableState) -> None:
+        """Tensors to safetensors, the rest to JSON (``e3prune.resumable``); no pickle."""
+        staging = store.staging_dir(self.step)
+        shutil.rmtree(staging, ignore_errors=True)  # a leftover of a run killed mid-save
+        staging.mkdir(parents=True)
+        tree = {
+            "step": self.step,
+            "theta": self.theta.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "order": self.order,
+            "trajectory": self.trajectory,
+            "init_scores": self.init_scores,
+            "init_theta": self.init_theta,
+            "layer_tokens": self.meter.layer_tokens,
+            "seconds": self.seconds(),
+        }
+        save_tree(tree, staging, SEARCH_STATE)
+        store.publish(staging, self.step)
+
+    @classmethod
+    def load(cls, cfg: SearchConfig, checkpoint: Path) -> SearchState:
+        tree = load_tree(checkpoint, SEARCH_STATE)
+        theta = torch.nn.Parameter(tree["theta"].clone())
+        optimizer = _optimizer(cfg, theta)
+        optimizer.load_state_dict(tree["optimizer"])
+        generator = torch.Generator()
+        generator.set_state(tree["generator"])
+        meter = Meter()
+        meter.layer_tokens = tree["layer_tokens"]
+        return cls(
+            tree["step"], theta, optimizer, generator, tree["order"], tree["trajectory"],
+            tree["init_scores"], tree["init_theta"], meter, tree["seconds"],
+        )  # fmt: skip
+
+
+OPTIMIZERS = {"shared_adam": SharedScaleAdam, "adam": torch.optim.Adam}
+
+
+def _optimizer(cfg: SearchConfig, theta: torch.nn.Parameter) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.optimizer]([theta], lr=cfg.learning_rate)
+
+
+def state_store(cfg: SearchConfig) -> ResumableState:
+    """Where the resumable state goes: ``state``, default ``OUTPUT.state`` beside the output (local or S3)."""
+    uri = cfg.state or str(cfg.output).rstrip("/") + ".state"
+    return ResumableState(uri, resume_key(cfg, NOT_RESUME_RELEVANT), field="state")
+
+
 def check_search_inputs(cfg: SearchConfig) -> tuple[int, int, TeacherTopK]:
     """Validation before any weights load: returns (L, n_remove, cache)."""
     config = load_config(cfg.model)
     L = config.num_hidden_layers
     n_remove = n_remove_for(cfg.remove_ratio, L)
     cache = TeacherTopK(cfg.teacher_cache)
+    cache.check_teacher(cfg.model, config)  # the search scores the very model the cache was made with
+    cache.check_positions(config)
     if cache.sequences("search") < 1:
         raise E3PruneError("the teacher cache's search split is empty", field="teacher_cache")
     tokenizer = load_tokenizer(cfg.model)
@@ -244,167 +263,155 @@ def check_search_inputs(cfg: SearchConfig) -> tuple[int, int, TeacherTopK]:
     return L, n_remove, cache
 
 
-def search_mask(cfg: SearchConfig) -> dict:
-    """The step. Returns the result written to ``search.json`` (keep, removed, θ, candidates, cost)."""
-    started = time.time()
+def _set_up(cfg: SearchConfig) -> SearchRun:
+    """Check the inputs and the state location, then load the frozen model and the search split."""
     L, n_remove, cache = check_search_inputs(cfg)
-    k = L - n_remove
+    store = state_store(cfg)
+    store.check_writable()
     model = load_causal_lm(cfg.model, "float32")
     model.requires_grad_(False)
-    device = next(model.parameters()).device
     data = cache.load("search")
-    n_seq, seq_len = data["input_ids"].shape
-    tokens_per_step = cfg.batch_size * seq_len
+    tokens_per_step = cfg.batch_size * data["input_ids"].size(1)
     total_steps = max(1, math.ceil(cfg.search_tokens / tokens_per_step))
-    meter = Meter()
-    state_dir = _state_dir(cfg)
-    state_file = state_dir / "search_state.pt"
+    return SearchRun(cfg, model, data, L, L - n_remove, total_steps, tokens_per_step, store)
 
-    if state_file.is_file():
-        state = torch.load(state_file, weights_only=False)
-        if state["config"] != cfg.model_dump(exclude={"overwrite", "state"}):
-            raise E3PruneError(
-                f"{state_file} belongs to a search with other settings; remove it or change `state`", field="state"
-            )
-        log.info("resuming the search at step %d", state["step"])
-    else:
-        calib = Calibration.from_batch(data, min(cfg.init_sequences, n_seq))
-        init_scores = kl_importance(model, calib, cfg.batch_size, meter) if cfg.init == "kl" else [0.0] * L
+
+def _initial_state(run: SearchRun, started: float) -> SearchState:
+    """θ from the KL importance of Stage 2 (standardised × ``init_scale``) or zeros; a seeded data order."""
+    cfg, meter, n_seq = run.cfg, Meter(), run.data["input_ids"].size(0)
+    if cfg.init == "kl":
+        calib = Calibration.from_batch(run.data, min(cfg.init_sequences, n_seq))
+        init_scores = kl_importance(run.model, calib, cfg.batch_size, meter)
         scores = torch.tensor(init_scores)
-        theta0 = (
-            (scores - scores.mean()) / scores.std().clamp_min(1e-12) * cfg.init_scale if cfg.init == "kl" else scores
-        )
-        gen = torch.Generator().manual_seed(cfg.seed)
-        state = {
-            "config": cfg.model_dump(exclude={"overwrite", "state"}),
-            "step": 0,
-            "theta": theta0.float(),
-            "optimizer": None,
-            "generator": gen.get_state(),
-            "order": torch.randperm(n_seq, generator=gen),
-            "trajectory": [],
-            "init_scores": init_scores,
-            "init_theta": theta0.float().tolist(),
-            "layer_tokens": meter.layer_tokens,
-            "seconds": time.time() - started,
-        }
+        theta0 = (scores - scores.mean()) / scores.std().clamp_min(1e-12) * cfg.init_scale
+    else:
+        init_scores = [0.0] * run.n_layers
+        theta0 = torch.tensor(init_scores)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(n_seq, generator=generator)
+    theta = torch.nn.Parameter(theta0.float().clone())
+    return SearchState(
+        0, theta, _optimizer(cfg, theta), generator, order, [], init_scores, theta0.float().tolist(), meter,
+        time.time() - started,
+    )  # fmt: skip
 
-    theta = torch.nn.Parameter(state["theta"].clone())
-    opt_cls = SharedScaleAdam if cfg.optimizer == "shared_adam" else torch.optim.Adam
-    opt = opt_cls([theta], lr=cfg.learning_rate)
-    if state["optimizer"] is not None:
-        opt.load_state_dict(state["optimizer"])
-    gen = torch.Generator()
-    gen.set_state(state["generator"])
-    order = state["order"]
-    trajectory: list[dict] = state["trajectory"]
-    meter.layer_tokens = state["layer_tokens"]
-    run_started, seconds_before = time.time(), state["seconds"]
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc="mask search", unit="step")
-    with gated_layers(model) as gates:
-        step = state["step"]
-        while step < total_steps:
-            pos = (step * cfg.batch_size) % n_seq
-            idx = order[torch.arange(pos, pos + cfg.batch_size) % n_seq]
-            x = data["input_ids"][idx].to(device)
-            k_t = keep_count(step, total_steps, L, k, cfg.curriculum, cfg.curriculum_fraction)
-            tau = temperature(step, total_steps, cfg.tau_start, cfg.tau_end)
-            mask, hard = gumbel_topk_mask(theta, k_t, tau, sample_gumbel(L, gen))
-            for l, g in enumerate(gates):
-                g.gate, g.closed = mask[l], bool(hard[l] == 0)
-            logits = model(input_ids=x, use_cache=False).logits
-            loss = topk_kl(
-                logits, data["values"][idx].to(device), data["ids"][idx].to(device), data["lse"][idx].to(device)
-            ).mean()
-            if cfg.ce_weight > 0:
-                loss = loss + cfg.ce_weight * next_token_ce(logits, x).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            meter.add(x.numel(), L + k_t)  # every layer forward; activation-only backward through the k_t kept
-            trajectory.append(
-                {
-                    "step": step,
-                    "loss": round(loss.item(), 5),
-                    "k": k_t,
-                    "tau": round(tau, 5),
-                    "keep": [l for l in range(L) if hard[l] > 0],
-                    "theta": [round(v, 4) for v in theta.detach().tolist()],
-                }
-            )
+def _resume_or_start(run: SearchRun, started: float) -> SearchState:
+    """The newest checkpoint of this search if there is one (refused when of other settings), else a new state."""
+    checkpoint = run.store.latest()
+    if checkpoint is None:
+        return _initial_state(run, started)
+    run.store.read(checkpoint)
+    state = SearchState.load(run.cfg, checkpoint)
+    log.info("resuming the search at step %d of %d from %s", state.step, run.total_steps, run.store.uri)
+    return state
+
+
+def _search_step(run: SearchRun, state: SearchState, gates) -> dict:
+    """One step: sample the mask, the loss against the teacher, one update of θ; returns its trajectory row."""
+    cfg, step, L, data = run.cfg, state.step, run.n_layers, run.data
+    n_seq = data["input_ids"].size(0)
+    pos = (step * cfg.batch_size) % n_seq
+    idx = state.order[torch.arange(pos, pos + cfg.batch_size) % n_seq]
+    device = next(run.model.parameters()).device
+    x = data["input_ids"][idx].to(device)
+    k_t = keep_count(step, run.total_steps, L, run.k, cfg.curriculum, cfg.curriculum_fraction)
+    tau = temperature(step, run.total_steps, cfg.tau_start, cfg.tau_end)
+    mask, hard = gumbel_topk_mask(state.theta, k_t, tau, sample_gumbel(L, state.generator))
+    for l, g in enumerate(gates):
+        g.gate, g.closed = mask[l], bool(hard[l] == 0)
+    logits = run.model(input_ids=x, use_cache=False).logits
+    loss = topk_kl(logits, data["values"][idx].to(device), data["ids"][idx].to(device), data["lse"][idx].to(device))
+    loss = loss.mean()
+    if cfg.ce_weight > 0:
+        loss = loss + cfg.ce_weight * next_token_ce(logits, x).mean()
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    state.meter.add(x.numel(), L + k_t)  # every layer forward; activation-only backward through the k_t kept
+    keep = [l for l in range(L) if hard[l] > 0]
+    theta = [round(v, 4) for v in state.theta.detach().tolist()]
+    row = {"step": step, "loss": round(loss.item(), 5), "k": k_t, "tau": round(tau, 5), "keep": keep, "theta": theta}
+    state.trajectory.append(row)
+    state.step += 1
+    return row
+
+
+def _run_steps(run: SearchRun, state: SearchState) -> None:
+    """Steps from the state's to the last, saving the state every ``checkpoint_every_steps`` and at the end."""
+    bar = tqdm(total=run.total_steps, initial=state.step, desc="mask search", unit="step")
+    with gated_layers(run.model) as gates:
+        while state.step < run.total_steps:
+            row = _search_step(run, state, gates)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", k=k_t, tau=f"{tau:.3f}")
-            step += 1
-            if step % cfg.checkpoint_every_steps == 0 or step == total_steps:
-                _save_state(
-                    state_dir,
-                    {
-                        **state,
-                        "step": step,
-                        "theta": theta.detach().clone(),
-                        "optimizer": opt.state_dict(),
-                        "generator": gen.get_state(),
-                        "trajectory": trajectory,
-                        "layer_tokens": meter.layer_tokens,
-                        "seconds": seconds_before + time.time() - run_started,
-                    },
-                )
+            bar.set_postfix(loss=f"{row['loss']:.4f}", k=row["k"], tau=f"{row['tau']:.3f}")
+            if state.step % run.cfg.checkpoint_every_steps == 0 or state.step == run.total_steps:
+                state.save(run.store)
         for g in gates:
             g.gate, g.closed = 1.0, False
     bar.close()
-    search_seconds = seconds_before + time.time() - run_started
 
-    final_theta = theta.detach()
+
+def _choose(run: SearchRun, state: SearchState) -> tuple[list[int], list[dict]]:
+    """The keep-set and the scored candidates it was chosen from (docs/method.md "Final selection")."""
+    cfg, theta, trajectory = run.cfg, state.theta.detach(), state.trajectory
+    if not cfg.final_selection:
+        return sorted(torch.argsort(theta, descending=True)[: run.k].tolist()), []
+    last = trajectory[-max(1, round(cfg.final_window_fraction * run.total_steps)) :]
+    window = [tuple(t["keep"]) for t in last if t["k"] == run.k]
+    calib = Calibration.from_batch(run.data, min(cfg.final_sequences, run.data["input_ids"].size(0)))
+    earlier = [("init", torch.tensor(state.init_theta))] + [
+        (f"step{trajectory[i]['step']}", torch.tensor(trajectory[i]["theta"]))
+        for i in (len(trajectory) // 4, len(trajectory) // 2, 3 * len(trajectory) // 4)
+    ]
     candidates = []
-    if cfg.final_selection:
-        window = [
-            tuple(t["keep"])
-            for t in trajectory[-max(1, round(cfg.final_window_fraction * total_steps)) :]
-            if t["k"] == k
-        ]
-        calib = Calibration.from_batch(data, min(cfg.final_sequences, n_seq))
-        earlier = [("init", torch.tensor(state["init_theta"]))] + [
-            (f"step{trajectory[i]['step']}", torch.tensor(trajectory[i]["theta"]))
-            for i in (len(trajectory) // 4, len(trajectory) // 2, 3 * len(trajectory) // 4)
-        ]
-        for cand in final_candidates(final_theta, k, window, cfg.final_swaps, earlier):
-            cand["kl"] = masked_loss(model, calib, cand["keep"], "kl", cfg.batch_size, meter)
-            candidates.append(cand)
-        best = min(candidates, key=lambda c: c["kl"])
-        keep = best["keep"]
-    else:
-        keep = sorted(torch.argsort(final_theta, descending=True)[:k].tolist())
-    removed = [l for l in range(L) if l not in set(keep)]
-    result = {
+    for cand in final_candidates(theta, run.k, window, cfg.final_swaps, earlier):
+        cand["kl"] = masked_loss(run.model, calib, cand["keep"], "kl", cfg.batch_size, state.meter)
+        candidates.append(cand)
+    return min(candidates, key=lambda c: c["kl"])["keep"], candidates
+
+
+def _result(run: SearchRun, state: SearchState, keep: list[int], candidates: list[dict], seconds: float) -> dict:
+    cfg, L, tokens = run.cfg, run.n_layers, run.total_steps * run.tokens_per_step
+    return {
         "format_version": 1,
         "method": "e3_gumbel_topk",
         "model": cfg.model,
         "num_hidden_layers": L,
         "keep": keep,
-        "removed": removed,
-        "theta": final_theta.tolist(),
-        "init_scores": state["init_scores"],
+        "removed": [l for l in range(L) if l not in set(keep)],
+        "theta": state.theta.detach().tolist(),
+        "init_scores": state.init_scores,
         "candidates": candidates,
         "chosen_from": next((c["source"] for c in candidates if c["keep"] == keep), "topk_theta"),
-        "steps": total_steps,
-        "search_tokens": total_steps * tokens_per_step,
-        "layer_tokens": meter.layer_tokens,
-        "search_seconds": round(search_seconds, 2),
-        "tokens_per_second": round(total_steps * tokens_per_step / max(search_seconds, 1e-9), 1),
-        "seconds": round(seconds_before + time.time() - run_started, 2),
+        "steps": run.total_steps,
+        "search_tokens": tokens,
+        "layer_tokens": state.meter.layer_tokens,
+        "search_seconds": round(seconds, 2),
+        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+        "seconds": round(state.seconds(), 2),
         "config": cfg.model_dump(),
     }
+
+
+def _write_output(cfg: SearchConfig, result: dict, trajectory: list[dict]) -> None:
     with storage.output_dir(cfg.output, cfg.overwrite) as out:
         (out / "search.json").write_text(json.dumps(result, indent=1) + "\n")
         with open(out / "trajectory.jsonl", "w") as fh:
             for row in trajectory:
                 fh.write(json.dumps(row) + "\n")
-    if state_file.is_file():
-        state_file.unlink()
-        try:
-            state_dir.rmdir()
-        except OSError:
-            pass
-    log.info("search: keep %s (removed %s) in %.1fs", keep, removed, search_seconds)
+
+
+def search_mask(cfg: SearchConfig) -> dict:
+    """The step. Returns the result written to ``search.json`` (keep, removed, θ, candidates, cost)."""
+    started = time.time()
+    run = _set_up(cfg)
+    state = _resume_or_start(run, started)
+    _run_steps(run, state)
+    search_seconds = state.seconds()
+    keep, candidates = _choose(run, state)
+    result = _result(run, state, keep, candidates, search_seconds)
+    _write_output(cfg, result, state.trajectory)
+    run.store.remove()
+    log.info("search: keep %s (removed %s) in %.1fs", keep, result["removed"], search_seconds)
     return result

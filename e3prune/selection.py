@@ -353,6 +353,8 @@ def select_layers(cfg: SelectConfig) -> Selection:
             f"C({L}, {n}) = {math.comb(L, n)} removal sets exceeds {cfg.max_combinations}", field="max_combinations"
         )
     cache = TeacherTopK(cfg.teacher_cache)
+    cache.check_teacher(cfg.model, config)  # its calibration losses compare this model with its own cache
+    cache.check_positions(config)
     storage.check_output(cfg.output, cfg.overwrite)
     model = load_causal_lm(cfg.model, "float32")
     calib = Calibration.from_batch(cache.batch("search", 0, min(cfg.calibration_sequences, cache.sequences("search"))))

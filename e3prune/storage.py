@@ -57,7 +57,19 @@ def split_s3(uri: str, field: str = "output") -> tuple[str, str]:
     prefix = prefix.strip("/")
     if not bucket or not prefix:
         raise E3PruneError(f"{uri!r} needs a bucket and a prefix, like s3://bucket/runs/data", field=field)
+    check_relative_key(prefix, uri, field)
     return bucket, prefix
+
+
+def check_relative_key(key: str, uri: str, field: str) -> None:
+    """A key (or a path in a marker) must stay below its prefix: no ``..``, ``.``, empty or absolute parts.
+
+    The local cache mirrors keys as paths, so ``s3://b/x/../../elsewhere`` would otherwise land
+    outside the cache root.
+    """
+    parts = key.split("/")
+    if key.startswith("/") or any(part in ("", ".", "..") for part in parts) or "\\" in key:
+        raise E3PruneError(f"{uri!r}: {key!r} has an empty, '.' or '..' part; give a plain key", field=field)
 
 
 def cache_root() -> Path:
@@ -157,6 +169,31 @@ def _keys(client, bucket: str, prefix: str) -> list[str]:
     return keys
 
 
+def read_json_manifest(uri: str, path: Path, field: str, hint: str) -> dict[str, Any]:
+    """The JSON object at ``path`` (an output's manifest), or one error that says what to do (``hint``)."""
+    if not path.is_file():
+        raise E3PruneError(f"{uri} has no {path.name}: it is not what this step reads; {hint}", field=field)
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise E3PruneError(f"{uri}/{path.name} is not valid JSON ({exc}); {hint}", field=field) from None
+    if not isinstance(manifest, dict):
+        raise E3PruneError(f"{uri}/{path.name} is not a manifest (not a JSON object); {hint}", field=field)
+    return manifest
+
+
+def is_complete(uri: str, field: str = "output") -> bool:
+    """Whether ``uri`` holds a complete output: its marker on S3; locally, the directory a staged
+    output was renamed into (it exists only once complete)."""
+    if not is_s3(uri):
+        p = Path(uri)
+        return p.is_dir() and any(p.iterdir())
+    bucket, prefix = split_s3(uri, field)
+    client = _client()
+    with _s3_errors(uri, field, "look up"):
+        return _exists(client, bucket, f"{prefix}/{MARKER}")
+
+
 def check_output(uri: str, overwrite: bool = False, field: str = "output") -> None:
     """Check, before any heavy work, that ``uri`` can receive a new output.
 
@@ -214,7 +251,8 @@ def output_dir(uri: str, overwrite: bool = False, field: str = "output") -> Iter
             yield staging
         return
     check_output(uri, overwrite, field)
-    staging = Path(tempfile.mkdtemp(prefix="e3prune-upload-"))
+    sweep_stale(Path(tempfile.gettempdir()), "e3prune-upload-")
+    staging = Path(tempfile.mkdtemp(prefix=_staging_name("e3prune-upload-") + "-"))
     try:
         yield staging
         _publish(staging, uri, field)
@@ -327,37 +365,62 @@ def _read_marker(client, bucket: str, prefix: str, uri: str, field: str) -> dict
     return marker
 
 
-def _cached_copy_matches(cached: Path, marker: dict[str, dict[str, Any]]) -> bool:
-    """A cached copy is trusted when it was verified against this very marker.
+VERIFIED = ".verified.json"  # per cached file: the size and mtime it had when its sha256 was checked
 
-    The marker copy is written into the cache only after every file's sha256 matched, so an
-    equal marker plus equal sizes means a verified copy; re-hashing gigabytes of shards on every
+
+def _file_stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _write_stamp(directory: Path, marker: dict[str, dict[str, Any]]) -> None:
+    stamps = {rel: _file_stamp(directory / rel) for rel in marker}
+    (directory / VERIFIED).write_text(json.dumps(stamps, sort_keys=True))
+
+
+def _cached_copy_matches(cached: Path, marker: dict[str, dict[str, Any]]) -> bool:
+    """A cached copy is trusted when it was verified against this very marker and has not changed since.
+
+    Each file's sha256 was checked when it was downloaded, and its size and modification time
+    then were recorded beside it. A file whose size or mtime differs now (a write, a truncation, a
+    same-size overwrite) is hashed again; one that no longer matches the marker makes the whole
+    copy untrusted, so it is downloaded again. Re-hashing gigabytes of unchanged shards on every
     read would cost more than the check is worth.
     """
     local_marker = cached / MARKER
-    if not local_marker.is_file():
-        return False
     try:
         if json.loads(local_marker.read_text()) != marker:
             return False
-    except ValueError:
+        stamps = json.loads((cached / VERIFIED).read_text())
+    except (OSError, ValueError):
         return False
-    return all((cached / rel).is_file() and (cached / rel).stat().st_size == d["size"] for rel, d in marker.items())
+    for rel, expected in marker.items():
+        path = cached / rel
+        if not path.is_file():
+            return False
+        if stamps.get(rel) != _file_stamp(path):
+            if file_digest(path) != {"size": expected["size"], "sha256": expected["sha256"]}:
+                log.warning("the cached copy of %s changed after it was verified; downloading it again", path)
+                return False
+            stamps[rel] = _file_stamp(path)
+            (cached / VERIFIED).write_text(json.dumps(stamps, sort_keys=True))
+    return True
 
 
 def _download(client, bucket: str, prefix: str, marker: dict, cached: Path, uri: str, field: str) -> None:
     """Download into a staging sibling, verify every file, then swap it into place."""
     cached.parent.mkdir(parents=True, exist_ok=True)
-    staging = cached.parent / f".{cached.name}.partial-{uuid.uuid4().hex[:8]}"
+    sweep_stale(cached.parent, f".{cached.name}.partial-")
+    staging = cached.parent / _staging_name(f".{cached.name}.partial-")
     staging.mkdir()
     try:
         transfer = _transfer_config()
         for rel, expected in marker.items():
+            check_relative_key(rel, f"{uri}/{MARKER}", field)
             target = staging / rel
-            if staging.resolve() not in target.resolve().parents:
-                raise E3PruneError(f"{uri}/{MARKER} names a path outside the prefix: {rel!r}", field=field)
             target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, f"{prefix}/{rel}", str(target), Config=transfer)
+            with _s3_errors(f"{uri}/{rel}", field, "download"):  # names the file, e.g. a deleted object
+                client.download_file(bucket, f"{prefix}/{rel}", str(target), Config=transfer)
             got = file_digest(target)
             if got != {"size": expected["size"], "sha256": expected["sha256"]}:
                 raise E3PruneError(
@@ -367,9 +430,10 @@ def _download(client, bucket: str, prefix: str, marker: dict, cached: Path, uri:
                     field=field,
                 )
         (staging / MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True))
+        _write_stamp(staging, marker)
         old = None
         if cached.exists():
-            old = cached.parent / f".{cached.name}.old-{uuid.uuid4().hex[:8]}"
+            old = cached.parent / _staging_name(f".{cached.name}.old-")
             cached.rename(old)
         try:
             staging.rename(cached)
@@ -387,6 +451,37 @@ def _download(client, bucket: str, prefix: str, marker: dict, cached: Path, uri:
 
 
 # ---------------------------------------------------------------- local outputs, staged
+
+
+def _staging_name(prefix: str) -> str:
+    """A staging name that records its owner: ``<prefix><pid>-<random>``, so leftovers can be swept."""
+    return f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _owner_is_gone(name: str, prefix: str) -> bool:
+    pid_text = name[len(prefix) :].split("-", 1)[0]
+    if not pid_text.isdigit():
+        return True  # an older, pid-less leftover
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def sweep_stale(directory: Path, prefix: str) -> list[Path]:
+    """Remove ``directory/<prefix>*`` staging leftovers whose owning process has died (a kill mid-write)."""
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for path in directory.glob(f"{prefix}*"):
+        if path.is_dir() and _owner_is_gone(path.name, prefix):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            log.info("removed %s, left behind by a killed process", path)
+    return removed
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool, field: str = "output") -> Path:
@@ -414,7 +509,9 @@ def staged_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     rejected run never leaves an output directory that looks complete.
     """
     final = check_output_dir(path, overwrite)
-    tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    sweep_stale(final.parent, f".{final.name}.partial-")
+    sweep_stale(final.parent, f".{final.name}.old-")
+    tmp = final.parent / _staging_name(f".{final.name}.partial-")
     tmp.mkdir()
     try:
         yield tmp
@@ -423,7 +520,7 @@ def staged_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
         raise
     old = None
     if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        old = final.parent / _staging_name(f".{final.name}.old-")
         final.rename(old)
     tmp.rename(final)
     if old is not None:

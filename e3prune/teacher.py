@@ -8,19 +8,20 @@ stream (:class:`TeacherTopK`) and never load the teacher.
 
 Layout under the output URI::
 
-    manifest.json
+    manifest.json                     kind "teacher_cache", the teacher's fingerprint, K, seq_len, splits
     {split}/shard-00000.safetensors   input_ids (n, S) int32, values (n, S, K) bf16,
                                       ids (n, S, K) int32, lse (n, S) fp32
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -29,8 +30,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from e3prune import storage
-from e3prune.model_io import load_causal_lm, load_config, load_tokenizer
-from e3prune.config import StepConfig
+from e3prune.model_io import load_causal_lm, load_config, load_tokenizer, model_dir
+from e3prune.config import PipelineParameter, StepConfig
 from e3prune.data import load_split, read_manifest, tokenizer_fingerprint
 from e3prune.errors import E3PruneError
 from e3prune.reference import default_model
@@ -38,6 +39,10 @@ from e3prune.reference import default_model
 log = logging.getLogger(__name__)
 Split = Literal["search", "distill", "eval"]
 BYTES_PER_TOKEN = {"values": 2, "ids": 4, "lse": 4}  # per cached id / per token, see module docstring
+KIND = "teacher_cache"  # the manifest's "kind"; sampled data says "sampled_data"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("top_k", "seq_len", "vocab_size", "tokenizer", "splits")
+PRODUCER = "give the output of `e3prune teacher-logits` (the teacher's top-K cache of sampled data)"
 
 
 class TeacherLogitsConfig(StepConfig):
@@ -46,9 +51,13 @@ class TeacherLogitsConfig(StepConfig):
     model: str = Field(default_factory=default_model, description="teacher checkpoint directory")
     data: str = Field(description="output of the sample step (local directory or s3:// URI)")
     output: str = Field(description="where to write the cache (local directory or s3:// URI)")
-    top_k: int = Field(10, ge=1, description="logits kept per token (the paper's K = 10)")
+    top_k: Annotated[int, PipelineParameter()] = Field(
+        10, ge=1, description="teacher logits cached per token (K; the paper's K = 10)"
+    )
     splits: list[Split] = Field(default_factory=lambda: ["search", "distill"], min_length=1)
-    batch_size: int = Field(8, ge=1, le=4096, description="sequences per teacher forward")
+    batch_size: Annotated[int, PipelineParameter("teacher_batch_size")] = Field(
+        8, ge=1, le=4096, description="sequences per teacher forward"
+    )
     shard_sequences: int = Field(1024, ge=1, description="sequences per cache shard")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     overwrite: bool = False
@@ -75,6 +84,19 @@ def check_cache_inputs(cfg: TeacherLogitsConfig) -> dict:
             raise E3PruneError(f"the data has no {split!r} split (or it is empty); sample it first", field="splits")
     storage.check_output(cfg.output, cfg.overwrite)
     return manifest
+
+
+def teacher_fingerprint(model: str, config) -> dict:
+    """What a cache records to recognise its teacher (docs/method.md, Stage 1): the sha256 of its
+    config.json normalised as JSON (sorted keys, without ``transformers_version``, which only says
+    what wrote the file) and the hub revision the checkpoint was loaded at, when known."""
+    raw = json.loads((model_dir(model) / "config.json").read_text())
+    raw.pop("transformers_version", None)
+    text = json.dumps(raw, sort_keys=True, separators=(",", ":"))
+    return {
+        "config_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "revision": getattr(config, "_commit_hash", None),
+    }
 
 
 @torch.no_grad()
@@ -125,11 +147,14 @@ def teacher_logits(cfg: TeacherLogitsConfig) -> dict:
             }
             log.info("cached %s: %d tokens in %.1fs", split, n * seq_len, seconds)
         manifest = {
-            "format_version": 1,
+            "kind": KIND,
+            "format_version": FORMAT_VERSION,
             "teacher": {
                 "model": cfg.model,
                 "model_type": model.config.model_type,
                 "num_hidden_layers": model.config.num_hidden_layers,
+                "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
+                "fingerprint": teacher_fingerprint(cfg.model, model.config),
             },
             "top_k": cfg.top_k,
             "seq_len": data_manifest["seq_len"],
@@ -151,13 +176,51 @@ class TeacherTopK:
     """Read side of the cache: memory-mapped shards, sliced per batch (nothing loaded whole)."""
 
     def __init__(self, uri: str):
+        self.uri = uri
         self.root = storage.input_dir(uri, field="teacher_cache")
-        manifest_path = self.root / "manifest.json"
-        if not manifest_path.is_file():
-            raise E3PruneError(f"{uri} is not a teacher cache: no manifest.json", field="teacher_cache")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = _read_cache_manifest(uri, self.root / "manifest.json")
         self.top_k: int = self.manifest["top_k"]
         self.seq_len: int = self.manifest["seq_len"]
+
+    def teacher(self) -> str:
+        """The teacher the cache was made with, as a message names it."""
+        t = self.manifest.get("teacher") or {}
+        layers, model_type = t.get("num_hidden_layers", "?"), t.get("model_type", "?")
+        return f"{t.get('model', 'an unrecorded model')} ({layers} layers, {model_type})"
+
+    def check_positions(self, config, who: str = "model") -> None:
+        """The cache's sequences fit the positions of the model that reads them."""
+        max_pos = getattr(config, "max_position_embeddings", None)
+        if max_pos is not None and self.seq_len > max_pos:
+            raise E3PruneError(
+                f"sequence layout does not match: the cache's sequences have {self.seq_len} tokens, the {who} has "
+                f"{max_pos} positions; the cache {self.uri} belongs to teacher {self.teacher()}; give a cache of "
+                f"data sampled with seq_len at most {max_pos}",
+                field="teacher_cache",
+            )
+
+    def check_teacher(self, model: str, config) -> None:
+        """``model`` is the teacher the cache was made with (search and select score that very model).
+
+        Checked on the recorded fingerprint; a cache written before fingerprints were recorded is
+        checked on the model type and layer count it recorded.
+        """
+        recorded = self.manifest.get("teacher") or {}
+        fp = recorded.get("fingerprint")
+        if fp is not None:
+            mine = teacher_fingerprint(model, config)
+            revisions = (fp.get("revision"), mine["revision"])
+            same = fp.get("config_sha256") == mine["config_sha256"] and (None in revisions or len(set(revisions)) == 1)
+        else:
+            mine = {"model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers}
+            same = all(recorded.get(k, v) == v for k, v in mine.items())
+        if not same:
+            raise E3PruneError(
+                f"{model} ({config.num_hidden_layers} layers, {config.model_type}) is not the teacher the cache "
+                f"{self.uri} was made with: it belongs to {self.teacher()}. Give that teacher as model, or build a "
+                f"cache of this model with `e3prune teacher-logits --model {model}`",
+                field="model",
+            )
 
     def sequences(self, split: str) -> int:
         return self._split(split)["sequences"]
@@ -203,3 +266,31 @@ class TeacherTopK:
     def load(self, split: str) -> dict[str, torch.Tensor]:
         """A whole split in memory (for the search split, which is small)."""
         return self.batch(split, 0, self.sequences(split))
+
+
+def _read_cache_manifest(uri: str, path: Path) -> dict:
+    """The manifest of a teacher cache; anything else (sampled data, another step's output) is refused."""
+    manifest = storage.read_json_manifest(uri, path, "teacher_cache", PRODUCER)
+    kind = manifest.get("kind", KIND if "top_k" in manifest else None)  # caches before "kind" have top_k
+    if kind == "sampled_data" or (kind is None and "sources" in manifest and "tokenizer" in manifest):
+        raise E3PruneError(
+            f"{uri} is sampled data (the output of `e3prune sample`), not a teacher cache; {PRODUCER}: "
+            f"run `e3prune teacher-logits --data {uri} --output CACHE` and give CACHE",
+            field="teacher_cache",
+        )
+    if kind != KIND:
+        what = f"an output of kind {kind!r}" if kind else "not a teacher cache (its manifest has no kind and no top_k)"
+        raise E3PruneError(f"{uri} is {what}; {PRODUCER}", field="teacher_cache")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise E3PruneError(
+            f"{uri} is a teacher cache of format {manifest.get('format_version')!r}; this e3prune reads "
+            f"{FORMAT_VERSION}: build it again with `e3prune teacher-logits`",
+            field="teacher_cache",
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise E3PruneError(
+            f"{uri}/manifest.json lacks {', '.join(missing)}; build the cache again with `e3prune teacher-logits`",
+            field="teacher_cache",
+        )
+    return manifest

@@ -4,28 +4,9 @@
 experiment and starts one run; ``e3prune schedule`` does the same upload and then creates a
 recurring run. Both read one YAML file, which is a contract: the Helm chart's Job runs
 ``e3prune schedule --config /etc/e3-pruner/schedule.yaml``. docs/operations.md ("Submitting and
-scheduling") documents it for operators.
-
-The YAML file (every key optional except ``cron`` for ``schedule``)::
-
-    host: http://ml-pipeline.kubeflow.svc.cluster.local:8888   # KFP API; default $KF_PIPELINES_ENDPOINT
-    namespace: team-a           # multi-user Kubeflow: the profile namespace; omit on single-user
-    pipeline_name: e3-pruner    # the pipeline's name in KFP
-    pipeline_version: null      # default: <e3-pruner version>-<sha256 of the package, 12 hex>
-    experiment: e3-pruner       # got or created
-    package: null               # compiled pipeline YAML; default: the one shipped in e3prune_pipelines
-    service_account: null       # Kubernetes service account the runs use (KFP's default if unset)
-    parameters:                 # pipeline parameters; each key must be one of the pipeline's
-      source_model: Qwen/Qwen3-8B
-      remove_ratio: 0.25
-    # submit only
-    run_name: null              # default: "<pipeline_name> <UTC time>"
-    # schedule only
-    name: e3-pruner             # the recurring run's name; an existing one of that name is replaced
-    cron: "0 3 * * *"           # five fields, six (seconds first, KFP's form) or a macro (@daily, @every 6h)
-    max_concurrency: 1          # 1..10 (KFP's bounds)
-    catchup: false              # false: after a pause, run once, not once per missed slot
-    enabled: true
+scheduling") documents its keys for operators: the fields of :class:`SubmitConfig` and
+:class:`ScheduleConfig`, every one optional except ``cron`` for ``schedule``, whose forms
+:mod:`e3prune_pipelines.cron` converts to KFP's.
 
 Credentials never appear in the file: in a pod, the projected service-account token at
 ``$KF_PIPELINES_SA_TOKEN_PATH`` (default ``/var/run/secrets/kubeflow/pipelines/token``) is used
@@ -57,6 +38,7 @@ from pydantic import Field, field_validator
 from e3prune import __version__
 from e3prune.config import StepConfig
 from e3prune.errors import E3PruneError
+from e3prune_pipelines.cron import kfp_cron
 
 if TYPE_CHECKING:  # pragma: no cover
     import kfp
@@ -74,115 +56,6 @@ _EQUALS = 1
 def default_package() -> Path:
     """The compiled pipeline shipped as package data of ``e3prune_pipelines``."""
     return Path(str(resources.files("e3prune_pipelines") / "e3_pruner" / "pipeline.yaml"))
-
-
-# --- cron --------------------------------------------------------------------------------------
-#
-# KFP validates and runs cron schedules with github.com/robfig/cron v1.2 (`cron.Parse`): six
-# fields, seconds first; a five-field spec is *also* accepted there, but read as seconds-first
-# with the day of week left out, so the usual "0 3 * * *" would run at minute 3 of every hour.
-# Hence the conversion here. Its descriptors are @yearly, @annually, @monthly, @weekly, @daily,
-# @midnight, @hourly and "@every <Go duration>". Times are the scheduled-workflow controller's
-# (UTC unless the cluster set CRON_SCHEDULE_TIMEZONE).
-
-_MONTHS = {m: i + 1 for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())}
-_DAYS = {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())}
-# (name, lowest, highest, names) in KFP's order.
-_CRON_FIELDS = (
-    ("second", 0, 59, None),
-    ("minute", 0, 59, None),
-    ("hour", 0, 23, None),
-    ("day of month", 1, 31, None),
-    ("month", 1, 12, _MONTHS),
-    ("day of week", 0, 6, _DAYS),
-)
-_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
-_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_GO_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_CRON_FORMS = (
-    "give five fields 'minute hour day-of-month month day-of-week' (e.g. '0 3 * * *'), six with "
-    "seconds first as KFP takes them (e.g. '0 0 3 * * *'), or a macro: " + ", ".join(_MACROS) + ", '@every 6h'"
-)
-
-
-def cron_six_fields(expr: str) -> str:
-    """KFP's six-field cron (seconds first) for ``expr``; raises :class:`E3PruneError` on ``cron``.
-
-    Five fields ``m h dom mon dow`` get a leading ``0`` second; six fields are kept; the macros of
-    robfig/cron (``@daily``, ``@every 1h30m``, …) are kept. Each field may hold numbers in its range,
-    names (``JAN``–``DEC``, ``SUN``–``SAT``), ``*``, ``?`` (day of month / week), ranges ``a-b``,
-    lists ``a,b`` and steps ``*/n``, ``a/n``, ``a-b/n``. Day of week is 0–6, 0 = Sunday (no 7).
-    """
-    try:
-        return _cron_six_fields(expr)
-    except ValueError as exc:
-        raise E3PruneError(str(exc), field="cron") from None
-
-
-def _cron_six_fields(expr: str) -> str:
-    if not isinstance(expr, str) or not expr.strip():
-        raise ValueError(f"empty; {_CRON_FORMS}")
-    fields = expr.split()
-    if fields[0].startswith("@"):
-        return _cron_macro(fields)
-    if len(fields) == 5:
-        fields = ["0", *fields]
-    elif len(fields) != 6:
-        raise ValueError(f"{len(fields)} fields in {expr.strip()!r}; {_CRON_FORMS}")
-    for text, (name, lo, hi, names) in zip(fields, _CRON_FIELDS, strict=True):
-        _check_cron_field(text, name, lo, hi, names)
-    return " ".join(fields)
-
-
-def _cron_macro(fields: list[str]) -> str:
-    if len(fields) == 1 and fields[0].lower() in _MACROS:
-        return fields[0].lower()
-    if fields[0].lower() == "@every" and len(fields) == 2:
-        text = fields[1]
-        parts = _GO_DURATION_PART.findall(text)
-        if not parts or "".join(n + u for n, u in parts) != text:
-            raise ValueError(f"'@every' takes a Go duration such as 30m, 6h or 1h30m, got {text!r}")
-        seconds = sum(float(n) * _GO_UNIT_SECONDS[u] for n, u in parts)
-        if seconds < 1:
-            raise ValueError(f"'@every {text}' is under KFP's 1-second resolution; give at least 1s")
-        return f"@every {text}"
-    raise ValueError(f"unknown macro {' '.join(fields)!r}; {_CRON_FORMS}")
-
-
-def _check_cron_field(text: str, name: str, lo: int, hi: int, names: dict[str, int] | None) -> None:
-    allowed = f"{lo}-{hi}" + (
-        f" or {min(names, key=names.get).upper()}-{max(names, key=names.get).upper()}" if names else ""
-    )
-    if name == "day of week":
-        allowed += ", 0 = Sunday (no 7)"
-
-    def value(token: str) -> int:
-        where = "" if token == text else f" in {text!r}"
-        if names and token.lower() in names:
-            return names[token.lower()]
-        if not token.isdigit():
-            raise ValueError(f"{name}: {token!r}{where} is not a number {allowed}")
-        number = int(token)
-        if not lo <= number <= hi:
-            raise ValueError(f"{name}: {number}{where} is out of range {allowed}")
-        return number
-
-    for part in text.split(","):
-        span, _, step = part.partition("/")
-        if step and (not step.isdigit() or int(step) == 0):
-            raise ValueError(f"{name}: step {step!r} in {text!r} must be a positive whole number")
-        if span in ("*", "?"):
-            if span == "?" and name not in ("day of month", "day of week"):
-                raise ValueError(f"{name}: '?' is only for day of month / day of week; use '*'")
-            continue
-        if not span:
-            raise ValueError(
-                f"{name}: empty item in {text!r}; items are *, ?, a number {allowed}, a range a-b, with an optional /step"
-            )
-        low, dash, high = span.partition("-")
-        start = value(low)
-        if dash and value(high) < start:
-            raise ValueError(f"{name}: range {span!r} runs backwards; give low-high")
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -227,11 +100,8 @@ class KFPConfig(StepConfig):
         try:
             cfg = super().parse(data, **kwargs)
         except E3PruneError as exc:  # point unknown keys at this file format's table, not the README's
-            msg = (
-                str(exc)
-                .removeprefix(f"{exc.field}: ")
-                .replace("the configuration table in the README", "docs/operations.md (Submitting and scheduling)")
-            )
+            msg = str(exc).removeprefix(f"{exc.field}: ")
+            msg = msg.replace("the configuration table in the README", "docs/operations.md (Submitting and scheduling)")
             raise E3PruneError(msg, field=exc.field) from None
         params = check_parameters(cfg.parameters, pipeline_inputs(cfg.package_path()))
         return cfg.model_copy(update={"parameters": params})
@@ -297,7 +167,7 @@ class ScheduleConfig(KFPConfig):
     @field_validator("cron")
     @classmethod
     def _cron(cls, v: str) -> str:
-        return _cron_six_fields(v)  # its ValueError becomes the error on `cron`
+        return kfp_cron(v)  # its ValueError becomes the error on `cron`
 
 
 # --- pipeline parameters ----------------------------------------------------------------------
@@ -336,44 +206,50 @@ def check_parameters(params: dict[str, Any], inputs: dict[str, dict[str, Any]]) 
     return out
 
 
+# KFP parameter type → what the error says a value of it must be.
+_KINDS = {
+    "STRING": "a string",
+    "NUMBER_INTEGER": "a whole number",
+    "NUMBER_DOUBLE": "a number",
+    "BOOLEAN": "true or false",
+    "LIST": "a list (JSON array on the command line)",
+    "STRUCT": "a mapping (JSON object on the command line)",
+}
+
+
 def _coerce(key: str, value: Any, ptype: str) -> Any:
-    field = f"parameters.{key}"
+    if ptype not in _KINDS:
+        return value  # a type this code does not know: passed as given, KFP checks it
     try:
-        if ptype == "STRING":
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return value if isinstance(value, str) else json.dumps(value) if isinstance(value, bool) else str(value)
-        if ptype == "NUMBER_INTEGER":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if ptype == "NUMBER_DOUBLE":
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if ptype == "BOOLEAN":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            raise ValueError
-        if ptype in ("LIST", "STRUCT"):
-            want = list if ptype == "LIST" else dict
-            parsed = json.loads(value) if isinstance(value, str) else value
-            if not isinstance(parsed, want):
-                raise ValueError
-            return parsed
+        return _convert(value, ptype)
     except (TypeError, ValueError):
-        kinds = {
-            "STRING": "a string",
-            "NUMBER_INTEGER": "a whole number",
-            "NUMBER_DOUBLE": "a number",
-            "BOOLEAN": "true or false",
-            "LIST": "a list (JSON array on the command line)",
-            "STRUCT": "a mapping (JSON object on the command line)",
-        }
-        raise E3PruneError(f"must be {kinds[ptype]}, got {value!r}", field=field) from None
-    return value  # a type this code does not know: passed as given, KFP checks it
+        raise E3PruneError(f"must be {_KINDS[ptype]}, got {value!r}", field=f"parameters.{key}") from None
+
+
+def _convert(value: Any, ptype: str) -> Any:
+    """``value`` as a ``ptype``; strings (``--param k=v``) are parsed. ValueError when it is not one:
+    no bool for a number, no fraction for a whole number, no list or mapping for a string."""
+    if ptype == "BOOLEAN":
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, bool):
+            return value
+    elif ptype in ("LIST", "STRUCT"):
+        parsed = json.loads(value) if isinstance(value, str) else value
+        if isinstance(parsed, list if ptype == "LIST" else dict):
+            return parsed
+    elif isinstance(value, bool):
+        if ptype == "STRING":
+            return json.dumps(value)  # true / false, as the YAML said it
+    elif ptype == "STRING":
+        if not isinstance(value, (dict, list)):
+            return str(value)
+    elif ptype == "NUMBER_INTEGER":
+        if not (isinstance(value, float) and not value.is_integer()):
+            return int(value)
+    elif ptype == "NUMBER_DOUBLE":
+        return float(value)
+    raise ValueError(f"not {_KINDS[ptype]}")
 
 
 # --- the KFP client ---------------------------------------------------------------------------
@@ -462,46 +338,58 @@ def _find_version(client: kfp.Client, pipeline_id: str, version: str) -> str | N
     return found[0].pipeline_version_id if found else None
 
 
+def _ensure_pipeline(client: kfp.Client, cfg: KFPConfig) -> tuple[str, bool]:
+    """(pipeline id, created now): the pipeline ``cfg.pipeline_name``, created empty when missing."""
+    import kfp_server_api
+
+    pipeline_id = _find_pipeline(client, cfg)
+    if pipeline_id is not None:
+        return pipeline_id, False
+    description = "e3-pruner: decoder-layer pruning and distillation of causal LMs"
+    body = kfp_server_api.V2beta1Pipeline(
+        name=cfg.pipeline_name, display_name=cfg.pipeline_name, namespace=cfg.namespace, description=description
+    )
+    try:
+        return client.pipelines.pipeline_service_create_pipeline(pipeline=body).pipeline_id, True
+    except kfp_server_api.ApiException as exc:  # created meanwhile by a concurrent upload
+        if exc.status != 409 or not (pipeline_id := _find_pipeline(client, cfg)):
+            raise
+        return pipeline_id, False
+
+
+def _ensure_version(client: kfp.Client, cfg: KFPConfig, pipeline_id: str) -> tuple[str, bool]:
+    """(version id, uploaded now): version ``cfg.version_name()`` of the pipeline, uploaded when missing."""
+    import kfp_server_api
+
+    package, version = cfg.package_path(), cfg.version_name()
+    version_id = _find_version(client, pipeline_id, version)
+    if version_id is not None:
+        return version_id, False
+    description = f"e3-pruner {__version__}, {package.name}"
+    try:
+        uploaded = client.upload_pipeline_version(
+            str(package), pipeline_version_name=version, pipeline_id=pipeline_id, description=description
+        )
+        return uploaded.pipeline_version_id, True
+    except kfp_server_api.ApiException as exc:  # uploaded meanwhile by a concurrent upload
+        if exc.status != 409 or not (version_id := _find_version(client, pipeline_id, version)):
+            raise
+        return version_id, False
+
+
 def _upload(client: kfp.Client, cfg: KFPConfig) -> tuple[str, str, str]:
     """(pipeline id, version id, what was done). The pipeline is created empty and the package
     uploaded as a version of it, so that every version, the first included, carries the
     content-derived name that makes a second upload of the same YAML a no-op (uploading a new
     pipeline would name its first version after the pipeline)."""
-    import kfp_server_api
-
-    package, version = cfg.package_path(), cfg.version_name()
     with _kfp_calls(cfg.host):
-        pipeline_id = _find_pipeline(client, cfg)
-        created = pipeline_id is None
-        if created:
-            body = kfp_server_api.V2beta1Pipeline(
-                name=cfg.pipeline_name,
-                display_name=cfg.pipeline_name,
-                namespace=cfg.namespace,
-                description="e3-pruner: decoder-layer pruning and distillation of causal LMs",
-            )
-            try:
-                pipeline_id = client.pipelines.pipeline_service_create_pipeline(pipeline=body).pipeline_id
-            except kfp_server_api.ApiException as exc:  # created meanwhile by a concurrent upload
-                if exc.status != 409 or not (pipeline_id := _find_pipeline(client, cfg)):
-                    raise
-                created = False
-        version_id = _find_version(client, pipeline_id, version)
-        if version_id is not None:
-            return pipeline_id, version_id, f"pipeline {cfg.pipeline_name!r} version {version!r} already uploaded"
-        try:
-            version_id = client.upload_pipeline_version(
-                str(package),
-                pipeline_version_name=version,
-                pipeline_id=pipeline_id,
-                description=f"e3-pruner {__version__}, {package.name}",
-            ).pipeline_version_id
-        except kfp_server_api.ApiException as exc:
-            if exc.status != 409 or not (version_id := _find_version(client, pipeline_id, version)):
-                raise
-            return pipeline_id, version_id, f"pipeline {cfg.pipeline_name!r} version {version!r} already uploaded"
+        pipeline_id, created = _ensure_pipeline(client, cfg)
+        version_id, uploaded = _ensure_version(client, cfg, pipeline_id)
+    name, version = cfg.pipeline_name, cfg.version_name()
+    if not uploaded:
+        return pipeline_id, version_id, f"pipeline {name!r} version {version!r} already uploaded"
     what = "created pipeline" if created else "uploaded to pipeline"
-    return pipeline_id, version_id, f"{what} {cfg.pipeline_name!r} version {version!r}"
+    return pipeline_id, version_id, f"{what} {name!r} version {version!r}"
 
 
 def upload(client: kfp.Client, cfg: KFPConfig) -> tuple[str, str]:
@@ -521,32 +409,36 @@ def _experiment_id(client: kfp.Client, cfg: KFPConfig) -> str:
         return client.create_experiment(cfg.experiment, namespace=cfg.namespace).experiment_id
 
 
-def submit(cfg: SubmitConfig) -> dict[str, Any]:
-    """Upload (or reuse) the pipeline version, get or create the experiment, start one run."""
+def _prepare(cfg: KFPConfig) -> tuple[kfp.Client, dict[str, Any], dict[str, Any]]:
+    """What ``submit`` and ``schedule`` do first: check the parameters, connect, upload (or reuse)
+    the pipeline version, get or create the experiment. Returns (client, parameters, the ids)."""
     params = check_parameters(cfg.parameters, pipeline_inputs(cfg.package_path()))
     client = connect(cfg)
     pipeline_id, version_id, uploaded = _upload(client, cfg)
-    experiment_id = _experiment_id(client, cfg)
-    run_name = cfg.run_name or f"{cfg.pipeline_name} {datetime.now(UTC):%Y-%m-%d %H:%M:%S}"
-    with _kfp_calls(cfg.host):
-        run = client.run_pipeline(
-            experiment_id,
-            run_name,
-            params=params,
-            pipeline_id=pipeline_id,
-            version_id=version_id,
-            service_account=cfg.service_account,
-        )
-    return {
+    ids = {
         "pipeline_id": pipeline_id,
         "pipeline_version_id": version_id,
         "pipeline_version": cfg.version_name(),
         "upload": uploaded,
-        "experiment_id": experiment_id,
-        "run_id": run.run_id,
-        "run_name": run_name,
-        "run_url": f"{_ui(cfg)}/#/runs/details/{run.run_id}",
+        "experiment_id": _experiment_id(client, cfg),
     }
+    return client, params, ids
+
+
+def submit(cfg: SubmitConfig) -> dict[str, Any]:
+    """Upload (or reuse) the pipeline version, get or create the experiment, start one run."""
+    client, params, ids = _prepare(cfg)
+    run_name = cfg.run_name or f"{cfg.pipeline_name} {datetime.now(UTC):%Y-%m-%d %H:%M:%S}"
+    with _kfp_calls(cfg.host):
+        run = client.run_pipeline(
+            ids["experiment_id"],
+            run_name,
+            params=params,
+            pipeline_id=ids["pipeline_id"],
+            version_id=ids["pipeline_version_id"],
+            service_account=cfg.service_account,
+        )
+    return {**ids, "run_id": run.run_id, "run_name": run_name, "run_url": f"{_ui(cfg)}/#/runs/details/{run.run_id}"}
 
 
 def _recurring_runs_named(client: kfp.Client, experiment_id: str, name: str) -> list[Any]:
@@ -568,33 +460,26 @@ def schedule(cfg: ScheduleConfig) -> dict[str, Any]:
     name in the experiment is deleted first (``replaced`` lists their ids), so there is never a
     second schedule of that name.
     """
-    params = check_parameters(cfg.parameters, pipeline_inputs(cfg.package_path()))
-    client = connect(cfg)
-    pipeline_id, version_id, uploaded = _upload(client, cfg)
-    experiment_id = _experiment_id(client, cfg)
+    client, params, ids = _prepare(cfg)
     with _kfp_calls(cfg.host):
-        replaced = [r.recurring_run_id for r in _recurring_runs_named(client, experiment_id, cfg.name)]
+        replaced = [r.recurring_run_id for r in _recurring_runs_named(client, ids["experiment_id"], cfg.name)]
         for recurring_run_id in replaced:
             client.delete_recurring_run(recurring_run_id)
         created = client.create_recurring_run(
-            experiment_id,
+            ids["experiment_id"],
             cfg.name,
             description=f"Managed by `e3prune schedule`: running it again replaces this recurring run ({cfg.cron}).",
             cron_expression=cfg.cron,
             max_concurrency=cfg.max_concurrency,
             no_catchup=not cfg.catchup,  # the SDK's default (None) leaves KFP's: catch up
             params=params,
-            pipeline_id=pipeline_id,
-            version_id=version_id,
+            pipeline_id=ids["pipeline_id"],
+            version_id=ids["pipeline_version_id"],
             enabled=cfg.enabled,
             service_account=cfg.service_account,
         )
     return {
-        "pipeline_id": pipeline_id,
-        "pipeline_version_id": version_id,
-        "pipeline_version": cfg.version_name(),
-        "upload": uploaded,
-        "experiment_id": experiment_id,
+        **ids,
         "recurring_run_id": created.recurring_run_id,
         "name": cfg.name,
         "cron": cfg.cron,

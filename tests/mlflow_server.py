@@ -186,3 +186,41 @@ def mlflow(mlflow_server: MlflowServer, monkeypatch) -> Iterator[MlflowEnv]:
     yield MlflowEnv(uri=mlflow_server.uri, model_name=f"e3prune-test-{uuid.uuid4().hex[:12]}", server=mlflow_server)
     if not mlflow_server.running:
         mlflow_server.start()
+
+
+@dataclass
+class AuthMlflowServer(MlflowServer):
+    """The same server behind MLflow's own ``basic-auth`` app: every request but ``/health`` needs a password.
+
+    The admin user (``admin_username``, ``admin_password``) is created on the first start; a
+    client authenticates with ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``. The
+    app needs Flask-WTF (the ``test`` extra) and a static ``MLFLOW_FLASK_SERVER_SECRET_KEY``.
+    """
+
+    admin_username: str = "admin"
+    admin_password: str = ""
+
+    @property
+    def auth_config(self) -> Path:
+        return self.workdir / "basic_auth.ini"
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--app-name", "basic-auth"]
+
+    def environment(self) -> dict[str, str]:
+        return {
+            **super().environment(),
+            "MLFLOW_AUTH_CONFIG_PATH": str(self.auth_config),
+            "MLFLOW_AUTH_ADMIN_USERNAME": self.admin_username,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex,
+        }
+
+    def start(self) -> None:
+        # No permission for users other than the admin; the user store beside the tracking database.
+        self.auth_config.write_text(
+            "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{self.workdir / 'basic_auth.db'}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        super().start()

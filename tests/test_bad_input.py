@@ -131,3 +131,50 @@ def test_cli_prints_one_error_line_and_exits_2(src_dir, tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["error: remove_layers: layer ids [9] are out of range; the model has layers 0..5"]
+
+
+def _broken_reference(tmp_path, how: str):
+    """The shipped reference model with one tensor dropped (and one stray added), or its weights truncated."""
+    import os
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from e3prune.reference import default_model
+
+    d = tmp_path / how
+    shutil.copytree(default_model(), d)
+    weights = d / "model.safetensors"
+    if how == "missing":
+        tensors = load_file(weights)
+        tensors.pop("model.layers.5.mlp.down_proj.weight")
+        tensors["model.layers.99.stray.weight"] = torch.zeros(2)
+        save_file(tensors, weights, metadata={"format": "pt"})
+    else:
+        os.truncate(weights, weights.stat().st_size // 2)
+    return d
+
+
+@pytest.mark.parametrize(
+    ("how", "words"),
+    [
+        ("missing", "1 missing (model.layers.5.mlp.down_proj.weight); 1 unexpected (model.layers.99.stray.weight)"),
+        ("truncated", "weights cannot be loaded"),
+    ],
+)
+def test_a_checkpoint_with_wrong_tensors_is_refused_with_one_line(tmp_path, how, words):
+    """transformers would fill a missing weight with random values; harden must not write a "verified" model."""
+    src = _broken_reference(tmp_path, how)
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "e3prune.cli", "harden", str(src), "--remove-layers", "3,7", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stderr
+    (line,) = [x for x in run.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: model: ") and words in line, line
+    assert "Traceback" not in run.stderr
+    assert not out.exists()

@@ -311,6 +311,9 @@ def test_mlflow_can_be_left_out_for_an_external_server(chart):
         assert env_of(c)["MLFLOW_TRACKING_URI"]["value"] == "https://mlflow.example.com"
     with pytest.raises(helm.HelmValuesError, match="externalTrackingUri"):
         render(chart, {"mlflow": {"enabled": False}})
+    # Credentials in the URI would sit in plain text in a ConfigMap and every pod's env.
+    with pytest.raises(helm.HelmValuesError, match="externalTrackingUri"):
+        render(chart, {**values, "mlflow": {"enabled": False, "externalTrackingUri": "https://u:pw@mlflow.example.com"}})
 
 
 # ---------------------------------------------------------------- schedule ConfigMap and Jobs

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from e3prune import cli
 from e3prune.model_io import load_tokenizer
-from e3prune.data import SampleConfig, builtin_corpus, load_split, read_manifest, sample_data, tokenizer_fingerprint
+from e3prune.data import SampleConfig, load_split, read_manifest, sample_data, tokenizer_fingerprint
+from e3prune.data_sources import builtin_corpus
 from e3prune.errors import E3PruneError
 
 DOC_ID = re.compile(r"doc(\d{5})(?!\d)")  # every test document starts with its 5-digit id
@@ -81,7 +82,8 @@ def test_budgets_are_met_with_whole_sequences(reference_dir, corpus, tokenizer, 
         assert info["tokens_by_source"] == {"numbered": sequences * 64} and not info["repeated"]
         # Every document is followed by EOS: one EOS per ~32 tokens.
         assert (ids == tokenizer.eos_token_id).sum() >= ids.numel() // 40
-    assert manifest["format_version"] == 1 and manifest["seq_len"] == 64 and manifest["seed"] == 0
+    assert manifest["kind"] == "sampled_data" and manifest["format_version"] == 1
+    assert manifest["seq_len"] == 64 and manifest["seed"] == 0
     assert manifest["eos_token_id"] == tokenizer.eos_token_id and manifest["vocab_size"] == len(tokenizer)
     assert manifest["tokenizer"]["fingerprint"] == tokenizer_fingerprint(load_tokenizer(reference_dir))
     source = manifest["sources"][0]
@@ -225,6 +227,9 @@ def _bad_sources(tmp: Path) -> dict[str, object]:
         "empty": _write_jsonl(tmp / "empty.jsonl", [{"text": ""}, {"text": "  \n"}]),
         "numbers": _write_jsonl(tmp / "numbers.jsonl", [{"text": 7}]),
         "csv": (tmp / "data.csv", (tmp / "data.csv").write_text("text\nhello\n"))[0],
+        "zero_bytes": (tmp / "zero.jsonl", (tmp / "zero.jsonl").write_bytes(b""))[0],
+        "binary": (tmp / "binary.txt", (tmp / "binary.txt").write_bytes(bytes(range(256)) * 8))[0],
+        "not_json": (tmp / "lines.jsonl", (tmp / "lines.jsonl").write_text('{"text": "a"}\ntext: b\n'))[0],
     }
 
 
@@ -244,6 +249,14 @@ BAD_INPUTS = [
     ),
     ("empty source", lambda f, c: {"sources": [str(f["empty"])]}, "sources.0.uri", ["no non-empty documents"]),
     ("text field is not text", lambda f, c: {"sources": [str(f["numbers"])]}, "sources.0.text_field", ["int"]),
+    ("zero-byte file", lambda f, c: {"sources": [str(f["zero_bytes"])]}, "sources.0.uri", ["zero.jsonl is empty"]),
+    ("binary text file", lambda f, c: {"sources": [str(f["binary"])]}, "sources.0.uri", ["binary.txt is not UTF-8"]),
+    (
+        "not JSON lines",
+        lambda f, c: {"sources": [str(f["not_json"])]},
+        "sources.0.uri",
+        ["lines.jsonl is not valid JSON lines (line 2"],
+    ),
     (
         "budget over the data",
         lambda f, c: {"sources": [str(c)], "distill_tokens": 10**6},

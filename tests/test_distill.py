@@ -20,7 +20,10 @@ from tiny_models import save_tiny_qwen3_with_reference_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from e3prune.data import SampleConfig, SourceSpec, sample_data
-from e3prune.distill import DistillConfig, distill, distill_loss, lr_factor, plan_steps
+from e3prune.distill import DistillConfig, distill
+from e3prune.distill_inputs import plan_steps
+from e3prune.distill_loss import EntropyAwareKD
+from e3prune.distill_training import lr_factor
 from e3prune.errors import E3PruneError
 from e3prune.harden import PRUNING_FILE, harden
 from e3prune.teacher import TeacherLogitsConfig, TeacherTopK, teacher_logits
@@ -93,7 +96,7 @@ def _split_loss(model_dir: Path, cache_dir: Path) -> float:
     batch = TeacherTopK(str(cache_dir)).load("distill")
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-        return distill_loss("entropy_kd", logits, batch, 1.0, 0.1, 1.0)[0].item()
+        return EntropyAwareKD(gamma=1.0, epsilon=0.1, ce_weight=1.0)(logits, batch)[0].item()
 
 
 def test_schedule_and_step_plan():
@@ -105,7 +108,7 @@ def test_schedule_and_step_plan():
     assert (plan.global_batch_sequences, plan.total_steps) == (12, 9)  # ceil(1000 / 120)
     assert plan.process_slice(0, 1) == (6, 6) and plan.process_slice(8, 1) == (102 % 100, 6)  # wraps around
     with pytest.raises(E3PruneError) as err:  # 9 steps × 12 = 108 sequences > 100
-        plan_steps(DistillConfig(**kw), num_processes=2, seq_len=10, split_sequences=100)
+        plan_steps(DistillConfig(**kw, allow_repeat=False), num_processes=2, seq_len=10, split_sequences=100)
     assert err.value.field == "distill_tokens" and "at most 960 tokens" in str(err.value)
 
 
@@ -319,7 +322,7 @@ def test_bad_input_fails_before_training_and_writes_nothing(tiny_student, tiny_c
     fails("teacher_cache", "another tokenizer", student=other)
 
     # A budget larger than the distill split, without allow_repeat.
-    fails("distill_tokens", "allow_repeat", distill_tokens=SEQ * (SPLIT_SEQUENCES + 1))
+    fails("distill_tokens", "allow_repeat", distill_tokens=SEQ * (SPLIT_SEQUENCES + 1), allow_repeat=False)
 
     # A checkpoint location that cannot be created (its parent is a file).
     blocker = tmp_path / "blocker"
@@ -342,16 +345,16 @@ def test_bad_input_fails_before_training_and_writes_nothing(tiny_student, tiny_c
 
 
 def test_checkpoints_on_s3_resume_from_the_newest_slot(tiny_student, tiny_cache, tmp_path, s3):
-    """Checkpoints to an S3 prefix alternate between two marker-published slots plus a ``latest``
-    pointer, and are kept after the run: a rerun with the same settings resumes from the newest
-    (step 4 of 6) and retrains the last steps to the same losses."""
+    """Checkpoints to an S3 prefix alternate between two marker-published slots and are kept after
+    the run: a rerun with the same settings resumes from the newest (step 4 of 6) and retrains the
+    last steps to the same losses."""
     kw = dict(distill_tokens=6 * 2 * SEQ, batch_size=2, checkpoint_every_steps=2, checkpoint_dir=s3.uri("ckpt"))
     first = distill(_cfg(tiny_student, tiny_cache, tmp_path / "out", **kw))
     keys = {
         o["Key"].removeprefix(s3.key("ckpt/"))
         for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=s3.key("ckpt/"))["Contents"]
     }
-    assert {"slot-0/_COMPLETE.json", "slot-1/_COMPLETE.json", "latest/latest.json", "slot-1/progress.json"} <= keys
+    assert {"slot-0/_COMPLETE.json", "slot-1/_COMPLETE.json", "slot-1/progress.json", "slot-1/metrics.jsonl"} <= keys
     want = _rows(tmp_path / "out")
 
     again = distill(_cfg(tiny_student, tiny_cache, tmp_path / "out", overwrite=True, **kw))

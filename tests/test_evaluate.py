@@ -5,6 +5,7 @@ the shipped reference model and the shipped task; and the errors a user can caus
 import json
 import math
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,19 +14,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from e3prune import evaluate as evaluate_module
 from e3prune.cli import main as cli_main
-from e3prune.data import SampleConfig, SourceSpec, builtin_corpus, load_split, sample_data
+from e3prune.data import SampleConfig, SourceSpec, load_split, sample_data
+from e3prune.data_sources import builtin_corpus
 from e3prune.errors import E3PruneError
-from e3prune.evaluate import (
-    EvaluateConfig,
-    evaluate,
-    full_vocab_kl,
-    gap_closed,
-    run_lm_eval,
-    top1_agreement,
-)
+from e3prune.evaluate import EvaluateConfig, evaluate
 from e3prune.harden import harden
 from e3prune.lm_eval_tasks import CLOZE_DATA, SHIPPED_TASKS, TASK_DIR
+from e3prune.lm_eval_tasks.adapter import check_lm_eval_tasks, run_lm_eval
 from e3prune.lm_eval_tasks.build import build_items, read_corpus, render
+from e3prune.metrics import full_vocab_kl, gap_closed, top1_agreement
+from e3prune.report import flat_metrics, speed_tags, summary_markdown
+from e3prune.speed import SpeedSettings, measure_speed, relative_spread, speed_problems
 
 SEQ = 32
 EVAL_SEQUENCES = 5  # with batch_size 2: batches of 2, 2, 1 exercise the token weighting
@@ -41,6 +40,11 @@ TINY_SPEED = {
 TOP_KEYS = {"format_version", "models", "comparisons", "speed", "lm_eval", "data", "config"}
 MODEL_KEYS = {"path", "layers", "parameters", "loss", "perplexity"}
 COMPARISON_KEYS = {"top1_agreement", "kl", "perplexity_ratio", "gap_closed"}
+SPEED_MODEL_KEYS = {
+    f"{phase}_{name}"
+    for phase in ("prefill", "decode")
+    for name in ("tokens_per_second", "seconds", "seconds_min", "seconds_max")
+}
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -136,6 +140,137 @@ def test_full_vocab_kl_agreement_and_gap_against_hand_values():
     assert gap_closed(10.0, 10.0, 12.0) is None
 
 
+def test_measure_speed_reports_medians_and_spread(tiny_teacher):
+    """Three interleaved repeats: each model and phase has its median inside its min / max."""
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    pruned = harden(AutoModelForCausalLM.from_pretrained(tiny_teacher), KEEP).eval()
+    settings = SpeedSettings(
+        repeats=3, prefill_batch=2, prefill_len=8, decode_batch=1, decode_prompt=4, decode_tokens=2
+    )
+    s = measure_speed({"teacher": teacher, "pruned": pruned}, settings, pad_token_id=0)
+    assert s["repeats"] == (6 if s["remeasured"] else 3)  # a suspect first measurement is taken again
+    assert s["device"] == "cpu" and s["dtype"] == "float32"
+    assert s["prefill"] == {"batch": 2, "length": 8}
+    assert s["decode"] == {"batch": 1, "prompt": 4, "new_tokens": 2}
+    assert set(s["models"]) == {"teacher", "pruned"} and set(s["speedup"]) == {"pruned"}
+    for m in s["models"].values():
+        assert set(m) == SPEED_MODEL_KEYS
+        for phase, tokens in (("prefill", 2 * 8), ("decode", 1 * 2)):
+            assert m[f"{phase}_seconds_min"] <= m[f"{phase}_seconds"] <= m[f"{phase}_seconds_max"]
+            assert m[f"{phase}_tokens_per_second"] == pytest.approx(tokens / m[f"{phase}_seconds"])
+    for phase in ("prefill", "decode"):
+        expected = s["models"]["teacher"][f"{phase}_seconds"] / s["models"]["pruned"][f"{phase}_seconds"]
+        assert s["speedup"]["pruned"][phase] == pytest.approx(expected)
+    assert all(m["prefill_seconds_min"] > 0 for m in s["models"].values())  # decode is a difference of two times
+    for name, m in s["models"].items():
+        for phase in ("prefill", "decode"):
+            spread = (m[f"{phase}_seconds_max"] - m[f"{phase}_seconds_min"]) / m[f"{phase}_seconds"]
+            assert s["relative_spread"][name][phase] == pytest.approx(spread)
+    assert isinstance(s["reliable"], bool) and (s["unreliable_reason"] is None) == s["reliable"]
+
+
+# --------------------------------------------------------------------------- speed reliability, on fake timings
+
+
+def _fake_model(layers: int | None) -> torch.nn.Module:
+    model = torch.nn.Linear(1, 1)
+    model.config = SimpleNamespace(num_hidden_layers=layers)
+    return model
+
+
+def _times(teacher: dict[str, list[float]], student: dict[str, list[float]]) -> dict:
+    return {"teacher": teacher, "student": student}
+
+
+STEADY = {"prefill": [1.0, 1.02, 0.98], "decode": [2.0, 2.04, 1.96]}
+
+
+def test_speed_reliability_rule_on_fake_timings():
+    """24 → 18 layers: B = 24/18 × 1.15 = 1.53; a speedup outside [1/B, B] or a spread over 0.5 is not believed."""
+    settings, layers = SpeedSettings(), {"teacher": 24, "student": 18}
+    assert relative_spread([1.0, 1.2, 0.9]) == pytest.approx(0.3)
+    assert relative_spread([-0.1, 0.05, -0.2]) is None  # decode times are differences: a busy machine can invert them
+
+    def problems(student: dict[str, list[float]], teacher=STEADY, known=layers) -> list[str]:
+        return speed_problems(_times(teacher, student), known, settings)
+
+    assert problems({"prefill": [0.8, 0.8, 0.8], "decode": [1.6, 1.6, 1.6]}) == []  # 1.25×: plausible
+    assert problems({"prefill": [0.66, 0.66, 0.66], "decode": [2.0, 2.0, 2.0]}) == []  # 1.52×: inside the margin
+    (beyond,) = problems({"prefill": [1 / 11.7] * 3, "decode": [1.6] * 3})
+    assert "student prefill speedup 11.70× is outside the physical bound [0.65, 1.53]× of 24 → 18 layers" in beyond
+    (slower,) = problems({"prefill": [0.8] * 3, "decode": [2 / 0.42] * 3})
+    assert "student decode speedup 0.42×" in slower
+    assert problems({"prefill": [0.8] * 3, "decode": [2 / 0.42] * 3}, known={"teacher": 24, "student": None}) == []
+    noisy_teacher = {**STEADY, "prefill": [1.0, 1.0, 1.6]}
+    (noisy,) = problems({"prefill": [0.8, 0.8, 0.8], "decode": [1.6, 1.6, 1.6]}, teacher=noisy_teacher)
+    assert noisy == "teacher prefill relative spread 0.60 of 3 repeats exceeds 0.5"
+    bound, spread = problems({"prefill": [0.8] * 3, "decode": [-0.1, 0.05, -0.2]})  # a negative speedup, too
+    assert "student decode speedup -20.00×" in bound
+    assert spread == "student decode relative spread undefined (median time not positive) of 3 repeats exceeds 0.5"
+
+
+class _Timing:
+    """A fake timing function: hands out prepared measurements in turn and records the repeats asked for."""
+
+    def __init__(self, *measurements: dict):
+        self.measurements, self.repeats = list(measurements), []
+
+    def __call__(self, models, settings, pad_token_id):
+        self.repeats.append(settings.repeats)
+        return self.measurements.pop(0)
+
+
+IMPOSSIBLE = _times(STEADY, {"prefill": [1 / 11.7] * 3, "decode": [2 / 0.42] * 3})
+PLAUSIBLE = _times(STEADY, {"prefill": [0.8, 0.79, 0.81], "decode": [1.6, 1.58, 1.62]})
+
+
+def test_measure_speed_remeasures_then_marks_unreliable():
+    models = {"teacher": _fake_model(24), "student": _fake_model(18)}
+    timing = _Timing(IMPOSSIBLE, IMPOSSIBLE)
+    s = measure_speed(models, SpeedSettings(repeats=3), pad_token_id=0, timing=timing)
+    assert timing.repeats == [3, 6]  # once more, with twice the repeats
+    assert s["remeasured"] and s["reliable"] is False and s["repeats"] == 6
+    assert s["speedup"]["student"]["prefill"] == pytest.approx(11.7)
+    assert "prefill speedup 11.70×" in s["unreliable_reason"] and "decode speedup 0.42×" in s["unreliable_reason"]
+    assert s["relative_spread"]["teacher"]["prefill"] == pytest.approx(0.04)
+
+
+def test_measure_speed_believes_a_plausible_second_measurement():
+    models = {"teacher": _fake_model(24), "student": _fake_model(18)}
+    timing = _Timing(IMPOSSIBLE, PLAUSIBLE)
+    s = measure_speed(models, SpeedSettings(repeats=3), pad_token_id=0, timing=timing)
+    assert timing.repeats == [3, 6] and s["remeasured"] and s["reliable"] is True and s["unreliable_reason"] is None
+    assert s["speedup"]["student"]["prefill"] == pytest.approx(1.0 / 0.8)  # the second measurement's numbers
+    timing = _Timing(PLAUSIBLE)
+    s = measure_speed(models, SpeedSettings(repeats=3), pad_token_id=0, timing=timing)
+    assert timing.repeats == [3] and not s["remeasured"] and s["reliable"] and s["repeats"] == 3
+
+
+def test_speed_reliability_reaches_the_registry_metrics_and_the_summary():
+    models = {"teacher": _fake_model(24), "student": _fake_model(18)}
+    speed = measure_speed(models, SpeedSettings(repeats=3), 0, timing=_Timing(IMPOSSIBLE, IMPOSSIBLE))
+    layers = {"path": "m", "layers": 24, "parameters": {"total": 10}, "loss": 1.0, "perplexity": math.e}
+    metrics = {
+        "models": {"teacher": layers, "pruned": None, "student": {**layers, "layers": 18}},
+        "comparisons": {"pruned": None, "student": {"perplexity_ratio": 1.0, "gap_closed": None}},
+        "speed": speed,
+        "lm_eval": {},
+        "data": {"uri": "d", "sequences": 1, "seq_len": 2, "scored_tokens": 1},
+        "config": {},
+    }
+    flat = flat_metrics(metrics)
+    assert flat["speedup.reliable"] == 0.0 and flat["teacher.prefill_relative_spread"] == pytest.approx(0.04)
+    assert speed_tags(metrics) == {"e3prune.speed.unreliable_reason": speed["unreliable_reason"]}
+    summary = summary_markdown(metrics)
+    assert "(after measuring a second time)" in summary
+    assert f"**Speed unreliable** (the promotion gate refuses it): {speed['unreliable_reason']}." in summary
+    # A metrics.json written before reliability was recorded: no flag, no tag.
+    old = {**metrics, "speed": {k: v for k, v in speed.items() if k not in ("reliable", "unreliable_reason")}}
+    assert "speedup.reliable" not in flat_metrics(old) and speed_tags(old) == {}
+    speed.update(reliable=True, unreliable_reason=None)
+    assert flat_metrics(metrics)["speedup.reliable"] == 1.0 and speed_tags(metrics) == {}
+
+
 # --------------------------------------------------------------------------- the step on tiny models
 
 
@@ -198,8 +333,10 @@ def test_evaluate_cli_schema_hand_perplexity_and_summary(
 
     # Speed: teacher and student, interleaved; the pruned model is not timed when a student is.
     s = m["speed"]
+    assert {"relative_spread", "remeasured", "reliable", "unreliable_reason"} <= set(s)  # added to format 1
     assert set(s["models"]) == {"teacher", "student"} and set(s["speedup"]) == {"student"}
     for role in s["models"]:
+        assert set(s["models"][role]) == SPEED_MODEL_KEYS
         assert s["models"][role]["prefill_tokens_per_second"] > 0 and s["models"][role]["decode_tokens_per_second"] > 0
     assert s["speedup"]["student"]["prefill"] == pytest.approx(
         s["models"]["teacher"]["prefill_seconds"] / s["models"]["student"]["prefill_seconds"]
@@ -279,7 +416,7 @@ def test_reference_model_beats_chance_on_the_full_shipped_task(reference_dir):
     """All 100 items: 4 choices, so chance is 0.25 (stderr ~0.043 at p = 0.25, n = 100)."""
     model = AutoModelForCausalLM.from_pretrained(reference_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(reference_dir)
-    manager = evaluate_module.check_lm_eval_tasks(["python_stdlib_cloze"])
+    manager = check_lm_eval_tasks(["python_stdlib_cloze"])
     scores = run_lm_eval({"teacher": model}, tokenizer, ["python_stdlib_cloze"], manager, None, 16)
     acc = scores["python_stdlib_cloze"]["teacher"]
     assert acc["samples"] == 100

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from e3prune.distill import distill_loss
+from e3prune.distill import DistillConfig
+from e3prune.distill_loss import PARTS, EntropyAwareKD, NextTokenCE, TopKKD, build_loss
 from e3prune.losses import entropy_aware_kd_loss, next_token_ce, teacher_entropy, topk_kl
 
 # One sequence of 2 tokens, vocabulary 4, teacher top-K = 2 (+ the tail bucket).
@@ -63,6 +64,10 @@ def test_matches_the_hand_computation(gamma, epsilon, ce_weight):
     assert all(isinstance(v, float) for v in stats.values())
 
 
+def _cfg(loss: str, **kw) -> DistillConfig:
+    return DistillConfig(student="s", teacher_cache="c", output="o", loss=loss, **kw)
+
+
 def _random_batch(seed=0, b=3, s=7, v=50, k=5, scale=3.0):
     g = torch.Generator().manual_seed(seed)
     teacher = torch.randn(b, s, v, generator=g) * scale
@@ -77,14 +82,20 @@ def test_gamma_zero_and_no_ce_is_plain_topk_kd():
     loss, _ = entropy_aware_kd_loss(student, input_ids, values, ids, lse, gamma=0.0, epsilon=0.1, ce_weight=0.0)
     assert loss.item() == pytest.approx(topk_kl(student, values, ids, lse).mean().item(), rel=1e-6)
     batch = {"input_ids": input_ids, "values": values, "ids": ids, "lse": lse}
-    kd, _ = distill_loss("kd", student, batch, gamma=2.0, epsilon=0.3, ce_weight=5.0)  # "kd" ignores γ, λ
+    kd_loss = build_loss(_cfg("kd", gamma=2.0, epsilon=0.3, ce_weight=5.0))  # "kd" ignores γ, λ
+    assert isinstance(kd_loss, TopKKD) and kd_loss.weight_terms(batch) is None
+    kd, _ = kd_loss(student, batch)
     assert kd.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert kd_loss.settings() == {"loss": "kd", "gamma": 0.0, "epsilon": None, "ce_weight": 0.0}
 
 
 def test_ce_choice_is_plain_next_token_ce():
     student, input_ids, values, ids, lse = _random_batch(1)
     batch = {"input_ids": input_ids, "values": values, "ids": ids, "lse": lse}
-    loss, stats = distill_loss("ce", student, batch, gamma=1.0, epsilon=0.1, ce_weight=1.0)
+    ce_loss = build_loss(_cfg("ce"))
+    assert isinstance(ce_loss, NextTokenCE) and ce_loss.weight_terms(batch) is None
+    assert ce_loss.settings() == {"loss": "ce", "gamma": None, "epsilon": None, "ce_weight": None}
+    loss, stats = ce_loss(student, batch)
     assert loss.item() == pytest.approx(next_token_ce(student, input_ids).mean().item(), rel=1e-6)
     assert stats["kl"] == pytest.approx(topk_kl(student, values, ids, lse).mean().item(), rel=1e-6)
 
@@ -108,6 +119,24 @@ def test_weights_have_mean_one_and_split_batches_agree():
         for i in (slice(0, 2), slice(2, 4))
     ]
     assert ((halves[0] + halves[1]) / 2).item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_entropy_aware_loss_module_normalises_over_the_global_batch():
+    """What the training loop does: sum the micro-batches' ``weight_terms`` (over processes too) and
+    pass their mean back; the mean of the halves' losses is then the whole batch's loss."""
+    student, input_ids, values, ids, lse = _random_batch(4, b=4)
+    batch = {"input_ids": input_ids, "values": values, "ids": ids, "lse": lse}
+    loss_fn = build_loss(_cfg("entropy_kd", gamma=1.5, epsilon=0.1, ce_weight=1.0))
+    assert isinstance(loss_fn, EntropyAwareKD)
+    assert loss_fn.settings() == {"loss": "entropy_kd", "gamma": 1.5, "epsilon": 0.1, "ce_weight": 1.0}
+    halves = [(i, {k: v[i] for k, v in batch.items()}) for i in (slice(0, 2), slice(2, 4))]
+    totals = sum(loss_fn.weight_terms(half) for _, half in halves)
+    assert totals[1].item() == 4 * 7  # tokens of the whole batch
+    whole, parts = loss_fn(student, batch)
+    split = sum(loss_fn(student[i], half, totals[0] / totals[1])[0] for i, half in halves) / 2
+    assert split.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert set(parts) == set(PARTS) and all(isinstance(v, float) for v in parts.values())
+    assert build_loss(_cfg("entropy_kd", gamma=0.0)).weight_terms(batch) is None  # (ε + h)^0 = 1
 
 
 def test_gradients_are_finite_for_extreme_logits():

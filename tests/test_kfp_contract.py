@@ -5,7 +5,8 @@ that answers the v2beta1 endpoints it calls. The contract is what ``kfp_server_a
 generated client of KFP's OpenAPI spec) defines: every request must be one of its endpoints
 (paths and methods read from its sources), and every request body must deserialize into its
 model (``V2beta1Run``, ``V2beta1RecurringRun``, …) with no field lost. The server's answers are
-built from the same models. Plus plain unit tests of the cron conversion and parameter checks.
+built from the same models. Plus plain unit tests of the cron conversion
+(``e3prune_pipelines.cron``) and of the parameter checks.
 """
 
 # No `from __future__ import annotations`: kfp reads the component signature below as real types.
@@ -28,7 +29,8 @@ from kfp import compiler, dsl
 from e3prune import __version__
 from e3prune.errors import E3PruneError
 from e3prune_pipelines import submit as kfp_submit
-from e3prune_pipelines.submit import ScheduleConfig, SubmitConfig, check_parameters, cron_six_fields, pipeline_inputs
+from e3prune_pipelines.cron import MACROS, cron_six_fields, kfp_cron
+from e3prune_pipelines.submit import ScheduleConfig, SubmitConfig, check_parameters, pipeline_inputs
 
 # --- the contract, read from kfp_server_api -----------------------------------------------------
 
@@ -115,6 +117,36 @@ class FakeKFP:
         return [r for r in self.requests if (method in (None, r.method)) and (template in (None, r.template))]
 
     # routing
+    def create_pipeline(self, new: dict) -> tuple[int, dict]:
+        if any(
+            p["display_name"] == new["display_name"] and p.get("namespace") == new.get("namespace")
+            for p in self.pipelines.values()
+        ):
+            return 409, {"error": "already exists", "message": "already exists", "code": 6}
+        new["pipeline_id"] = str(uuid.uuid4())
+        self.pipelines[new["pipeline_id"]] = new
+        self.versions[new["pipeline_id"]] = []
+        return 200, _answer("V2beta1Pipeline", new)
+
+    def upload_version(self, q: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[int, dict]:
+        pid = q["pipelineid"]
+        if pid not in self.pipelines:
+            return 404, {"error": "no such pipeline", "message": "no such pipeline", "code": 5}
+        filename, content = files["uploadfile"]
+        version = to_json(
+            kfp_server_api.V2beta1PipelineVersion(
+                pipeline_id=pid,
+                pipeline_version_id=str(uuid.uuid4()),
+                display_name=q.get("display_name") or q["name"],
+                name=q["name"],
+                description=q.get("description"),
+                pipeline_spec=next(yaml.safe_load_all(content)),
+            )
+        )
+        self.packages[version["pipeline_version_id"]] = (filename, content)
+        self.versions[pid].append(version)
+        return 200, version
+
     def handle(self, method: str, path: str, query: dict[str, list[str]], headers, body: bytes):
         if self.refuse:
             return self.refuse[0], {"error": self.refuse[1], "message": self.refuse[1], "code": 7}
@@ -127,34 +159,9 @@ class FakeKFP:
             found = [p for p in self.pipelines.values() if _matches(p, q) and p.get("namespace") == q.get("namespace")]
             return 200, _listing("V2beta1ListPipelinesResponse", "pipelines", "V2beta1Pipeline", found)
         if route == ("POST", "/apis/v2beta1/pipelines"):
-            new = json.loads(body)
-            if any(
-                p["display_name"] == new["display_name"] and p.get("namespace") == new.get("namespace")
-                for p in self.pipelines.values()
-            ):
-                return 409, {"error": "already exists", "message": "already exists", "code": 6}
-            new["pipeline_id"] = str(uuid.uuid4())
-            self.pipelines[new["pipeline_id"]] = new
-            self.versions[new["pipeline_id"]] = []
-            return 200, _answer("V2beta1Pipeline", new)
+            return self.create_pipeline(json.loads(body))
         if route == ("POST", "/apis/v2beta1/pipelines/upload_version"):
-            pid, files = q["pipelineid"], _multipart(headers["Content-Type"], body)
-            if pid not in self.pipelines:
-                return 404, {"error": "no such pipeline", "message": "no such pipeline", "code": 5}
-            filename, content = files["uploadfile"]
-            version = to_json(
-                kfp_server_api.V2beta1PipelineVersion(
-                    pipeline_id=pid,
-                    pipeline_version_id=str(uuid.uuid4()),
-                    display_name=q.get("display_name") or q["name"],
-                    name=q["name"],
-                    description=q.get("description"),
-                    pipeline_spec=next(yaml.safe_load_all(content)),
-                )
-            )
-            self.packages[version["pipeline_version_id"]] = (filename, content)
-            self.versions[pid].append(version)
-            return 200, version
+            return self.upload_version(q, _multipart(headers["Content-Type"], body))
         if route == ("GET", "/apis/v2beta1/pipelines/{pipeline_id}/versions"):
             found = [v for v in self.versions.get(segs[4], []) if _matches(v, q)]
             return 200, _listing(
@@ -384,6 +391,38 @@ def test_cron_six_fields_rejects(expr, words):
     assert words in str(info.value)
 
 
+CRON_FIELDS = ("second", "minute", "hour", "day of month", "month", "day of week")
+
+
+@pytest.mark.parametrize("position", range(6))
+def test_a_bad_field_is_named_in_six_and_five_field_form(position):
+    six = ["0", "0", "3", "*", "*", "*"]
+    six[position] = "99"
+    with pytest.raises(E3PruneError, match=f"^cron: {CRON_FIELDS[position]}: 99 is out of range"):
+        cron_six_fields(" ".join(six))
+    if position:  # five fields: the same field, one place earlier; the seconds are KFP's
+        with pytest.raises(E3PruneError, match=f"^cron: {CRON_FIELDS[position]}: 99 is out of range"):
+            cron_six_fields(" ".join(six[1:]))
+
+
+def test_every_macro_in_the_docs_is_accepted_as_is():
+    """The macros docs/operations.md (Cron) lists are robfig/cron's, kept verbatim for KFP."""
+    docs = (Path(__file__).parents[1] / "docs" / "operations.md").read_text()
+    section = docs.split("### Cron", 1)[1].split("\n### ", 1)[0]
+    listed = set(re.findall(r"`(@[a-z]+)`", section)) - {"@every", "@reboot"}
+    assert listed == set(MACROS)
+    for macro in MACROS:
+        assert cron_six_fields(macro) == kfp_cron(macro.upper()) == macro
+
+
+def test_kfp_cron_raises_value_error_for_validators():
+    """``kfp_cron`` is what pydantic validators call: a plain ValueError, wrapped there as the field's error."""
+    assert kfp_cron("30 4 * * 1-5") == "0 30 4 * * 1-5"
+    with pytest.raises(ValueError, match="^hour: 24") as info:
+        kfp_cron("0 24 * * *")
+    assert not isinstance(info.value, E3PruneError)
+
+
 def test_bad_cron_in_schedule_config_names_the_field(package):
     with pytest.raises(E3PruneError) as info:
         ScheduleConfig.parse(host="http://kfp:8888", package=str(package), cron="0 3 * *", parameters={"source": "x"})
@@ -427,6 +466,35 @@ def test_missing_required_parameter_and_types(package):
     for key, bad in (("i", "3.5"), ("b", "yes"), ("l", '{"a": 1}'), ("s", "[1]")):
         with pytest.raises(E3PruneError, match=f"parameters.{key}"):
             check_parameters({key: bad}, kinds)
+
+
+@pytest.mark.parametrize(
+    "ptype, value, want",
+    [
+        ("STRING", True, "true"),  # a YAML boolean given for a string parameter
+        ("STRING", 3, "3"),
+        ("STRING", [1], None),
+        ("NUMBER_INTEGER", 3.0, 3),
+        ("NUMBER_INTEGER", True, None),
+        ("NUMBER_INTEGER", "x", None),
+        ("NUMBER_DOUBLE", 2, 2.0),
+        ("NUMBER_DOUBLE", False, None),
+        ("BOOLEAN", False, False),
+        ("BOOLEAN", "FALSE", False),
+        ("BOOLEAN", 1, None),
+        ("LIST", [1, 2], [1, 2]),
+        ("STRUCT", "not json", None),
+        ("TASK_FINAL_STATUS", {"any": "thing"}, {"any": "thing"}),  # unknown here: passed as given
+    ],
+)
+def test_parameter_values_from_yaml_are_coerced_or_refused(ptype, value, want):
+    inputs = {"p": {"parameterType": ptype}}
+    if want is None:
+        with pytest.raises(E3PruneError, match="^parameters.p: must be "):
+            check_parameters({"p": value}, inputs)
+    else:
+        got = check_parameters({"p": value}, inputs)["p"]
+        assert got == want and type(got) is type(want)
 
 
 def test_settings_errors(package, monkeypatch, tmp_path):

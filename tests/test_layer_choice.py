@@ -3,6 +3,7 @@ reference tokenizer, so the real data, cache and search code paths run end to en
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -13,14 +14,17 @@ import pytest
 import torch
 from tiny_models import save_tiny_qwen3_with_reference_tokenizer
 
+from e3prune import storage
 from e3prune.data import SampleConfig, SourceSpec, sample_data
 from e3prune.errors import E3PruneError
+from e3prune.resumable import ResumableState
 from e3prune.search import SearchConfig, search_mask
 from e3prune.selection import SELECTORS, Calibration, SelectConfig, n_remove_for, select_layers
 from e3prune.teacher import TeacherLogitsConfig, TeacherTopK, teacher_logits, topk_logits
 
 SEQ = 32
 IDENTITY_LAYERS = [3, 4]  # made exact identities: every sensible selector must remove these
+STATE_FILES = ("_COMPLETE.json", "progress.json", "search_state.json", "search_state.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -221,16 +225,22 @@ def test_killed_search_resumes_to_the_same_mask(tiny_lm, tiny_cache, tmp_path):
         "--checkpoint-every-steps",
         "5",
     ]
-    state = tmp_path / "killed.state" / "search_state.pt"
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed.state"
+    log = tmp_path / "killed.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.time() + 120
-    while not state.exists() and time.time() < deadline and proc.poll() is None:
+    while not list(state.glob("step-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
+    assert proc.poll() is None, f"the search ended before it could be killed:\n{log.read_text()[-3000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    stopped_at = torch.load(state, weights_only=False)["step"]
+    stopped_at = max(json.loads(p.read_text())["step"] for p in state.glob("step-*/progress.json"))
     assert 0 < stopped_at < 150 and not out.exists()
+    # Tensors in safetensors, the rest in JSON: nothing in the state is a pickle.
+    files = {p.name for p in (state / f"step-{stopped_at:08d}").iterdir()}
+    assert files == set(STATE_FILES) - {"_COMPLETE.json"}
 
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -238,6 +248,47 @@ def test_killed_search_resumes_to_the_same_mask(tiny_lm, tiny_cache, tmp_path):
     assert got["keep"] == want["keep"] and got["theta"] == want["theta"] and got["steps"] == 150
     traj = (out / "trajectory.jsonl").read_text().splitlines()
     assert len(traj) == 150 and [json.loads(t)["step"] for t in traj] == list(range(150))
+
+
+class _Killed(Exception):
+    """Stands for the end of a pod: raised right after a checkpoint was published."""
+
+
+def test_search_state_on_s3_resumes_to_the_same_mask(tiny_lm, tiny_cache, tmp_path, s3, monkeypatch):
+    """An ``s3://`` output keeps its state beside it on S3 (what a retried pod finds): a search stopped
+    after its checkpoint of step 10 resumes from it, loads it without unpickling anything, and ends
+    exactly where an uninterrupted search ends. Per-logit Adam and the KL initialisation, so that
+    their state (a tensor step count, tuple betas, the initial scores) goes through the files too."""
+    kw = dict(search_tokens=SEQ * 4 * 20, checkpoint_every_steps=5, optimizer="adam")
+    want = search_mask(_search_cfg(tiny_lm, tiny_cache, tmp_path / "straight", **kw))
+    cfg = _search_cfg(tiny_lm, tiny_cache, s3.uri("search"), **kw)
+    published, publish = [], ResumableState.publish
+
+    def publish_and_record(self, staging, step, progress=None):
+        publish(self, staging, step, progress)
+        published.append(step)
+        if step == 10 and len(published) == 2:
+            raise _Killed
+
+    monkeypatch.setattr(ResumableState, "publish", publish_and_record)
+    with pytest.raises(_Killed):
+        search_mask(cfg)
+    assert not storage.is_complete(cfg.output)
+    listed = s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=s3.key("search.state/"))["Contents"]
+    names = {o["Key"].removeprefix(s3.key("search.state/")) for o in listed}
+    assert names == {f"slot-{i}/{n}" for i in (0, 1) for n in STATE_FILES}  # JSON and safetensors only
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("the search state must load without unpickling")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    got = search_mask(cfg)
+    assert published == [5, 10, 15, 20]  # resumed after step 10
+    assert got["keep"] == want["keep"] and got["theta"] == want["theta"]
+    assert got["init_scores"] == want["init_scores"] and got["candidates"] == want["candidates"]
+    trajectory = storage.read_file(cfg.output, "trajectory.jsonl")
+    assert trajectory == (tmp_path / "straight" / "trajectory.jsonl").read_bytes()
 
 
 def test_search_bad_input(tiny_lm, tiny_cache, tmp_path):

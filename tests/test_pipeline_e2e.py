@@ -217,14 +217,14 @@ def test_register_fails_clearly_when_mlflow_is_down_and_reruns_alone(pipeline_ru
     mlflow_server.stop()
     try:
         with pytest.raises(E3PruneError) as err:
-            register.python_func(**inputs, run_key=key, run_name="rerun", summary=summary())
+            register.python_func(**inputs, run_key=key, run_name="rerun", summary=summary(), mlflow_tracking_uri="")
         assert err.value.field == "mlflow_tracking_uri"
         assert "unreachable" in str(err.value)
         # The export is untouched and still complete.
         assert storage.input_dir(inputs["exported"].metadata["uri"], field="exported").is_dir()
     finally:
         mlflow_server.start()
-    result = register.python_func(**inputs, run_key=key, run_name="rerun", summary=summary())
+    result = register.python_func(**inputs, run_key=key, run_name="rerun", summary=summary(), mlflow_tracking_uri="")
     assert result.version == first.version  # the same run key: no second version
     versions = MlflowClient(tracking_uri=mlflow_server.uri).search_model_versions(f"name='{pipeline_run['name']}'")
     assert len(versions) == 1

@@ -102,14 +102,3 @@ def test_cli_inspect_and_reference_path(reference_dir):
         and info["parameters"]["total"] == sum(info["parameters_per_layer"]) + info["parameters"]["outside_layers"]
     )
     assert info["per_layer_fields"]["layer_types"] == ["full_attention"] * 24
-
-
-def test_configuration_reference_is_current():
-    """docs/configuration.md is generated from the step configs; regenerate with
-    `e3prune config-docs > docs/configuration.md` after changing a config."""
-    from pathlib import Path
-
-    from e3prune.config_docs import render
-
-    committed = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
-    assert committed == render(), "docs/configuration.md is stale: run `e3prune config-docs > docs/configuration.md`"

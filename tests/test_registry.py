@@ -1,7 +1,8 @@
 """The MLflow registry against a real ``mlflow server`` (sqlite backend, artifacts proxied to a real S3).
 
-Register is idempotent by run key, curves and artifacts land in the run, the version points at
-the exported model; an unreachable server fails fast naming ``mlflow_tracking_uri``; the
+Register is idempotent by run key, curves and artifacts land in the run, the exported model is
+an external logged model of the run (with its metrics, its weights never uploaded) and the
+version is created from it; an unreachable server fails fast naming ``mlflow_tracking_uri``; the
 promotion gate moves ``champion`` only for a better challenger and ``rollback`` undoes it.
 """
 
@@ -10,28 +11,27 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from pathlib import Path
 
 import pytest
+from mlflow.artifacts import download_artifacts
+from mlflow.entities import LoggedModelStatus
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL, MLFLOW_MODEL_VERSIONS
 from s3_server import free_ports
 
 from e3prune.cli import main
 from e3prune.errors import E3PruneError
+from e3prune.gate import DECISION_TAG, HISTORY_TAG, REASONS_TAG, PromoteConfig, promote, rollback
 from e3prune.registry import (
     CHALLENGER,
     CHAMPION,
-    DECISION_TAG,
-    HISTORY_TAG,
-    REASONS_TAG,
-    RUN_KEY_TAG,
     SOURCE_TAG,
-    PromoteConfig,
     RegisterConfig,
-    check_tracking_server,
     find_versions,
-    promote,
     register,
-    rollback,
+    version_model_id,
 )
+from e3prune.tracking import RUN_KEY_TAG, check_tracking_server
 
 CURVES = {
     "search/loss": [(0, 2.0), (1, 1.5), (2, 1.2)],
@@ -63,6 +63,7 @@ def test_register_is_idempotent_and_complete(mlflow, s3, tmp_path):
     run_key = f"job-{uuid.uuid4().hex[:8]}"
     first = _register(mlflow, tmp_path, run_key, params={"remove_ratio": "0.25", "aws_secret_access_key": "x"})
     second = _register(mlflow, tmp_path, run_key, params={"remove_ratio": "0.25", "aws_secret_access_key": "x"})
+    first_metrics = {"student.perplexity": 40.0, "student.perplexity_ratio": 1.2, "speedup.prefill": 1.3}
     assert first == second
     assert first["alias"] == CHALLENGER and first["model_uri"] == f"s3://models/{mlflow.model_name}/{run_key}"
 
@@ -85,12 +86,26 @@ def test_register_is_idempotent_and_complete(mlflow, s3, tmp_path):
     assert mv.tags[RUN_KEY_TAG] == run_key and mv.tags[SOURCE_TAG] == "Qwen/Qwen3-8B"
     assert float(mv.tags["metric.student.perplexity_ratio"]) == 1.2
 
+    # Lineage: run -> logged model (external, with the run's metrics) -> version; one of each.
+    assert version_model_id(mv) == first["model_id"]
+    model = client.get_logged_model(first["model_id"])
+    assert json.loads(model.tags[MLFLOW_MODEL_VERSIONS]) == [{"name": mlflow.model_name, "version": 1}]
+    assert model.source_run_id == first["run_id"] and model.status == LoggedModelStatus.READY
+    assert model.tags[MLFLOW_MODEL_IS_EXTERNAL] == "true" and model.tags[RUN_KEY_TAG] == run_key
+    assert {m.key: m.value for m in model.metrics} == first_metrics
+    assert model.params == {"remove_ratio": "0.25"}
+    models = client.search_logged_models([first["experiment_id"]], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert [m.model_id for m in models] == [model.model_id]
+
     # The artifact went through the server into the S3 bucket (the client has no S3 role here).
     assert [a.path for a in client.list_artifacts(first["run_id"], "eval")] == ["eval/summary.md"]
     keys = [
         o["Key"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix="mlflow-artifacts/").get("Contents", [])
     ]
     assert any(k.endswith(f"{first['run_id']}/artifacts/eval/summary.md") for k in keys), keys
+    # No weights in MLflow's store: the external model holds only its MLmodel description.
+    model_keys = [k for k in keys if f"/models/{model.model_id}/" in k]
+    assert [k.rsplit("/", 1)[-1] for k in model_keys] == ["MLmodel"], model_keys
 
     assert [v.version for v in find_versions(mlflow.model_name, {"e3prune.source_revision": "abc123"})] == ["1"]
     assert find_versions(mlflow.model_name, {"e3prune.source_revision": "other"}) == []
@@ -110,8 +125,13 @@ def test_register_uploads_a_local_model_directory(mlflow, tmp_path):
     model.mkdir()
     (model / "config.json").write_text("{}")
     out = _register(mlflow, tmp_path, f"job-{uuid.uuid4().hex[:8]}", model_uri=str(model))
-    assert out["model_uri"].startswith("mlflow-artifacts:") and out["model_uri"].endswith("/model")
-    assert [a.path for a in mlflow.client().list_artifacts(out["run_id"], "model")] == ["model/config.json"]
+    client = mlflow.client()
+    logged = client.get_logged_model(out["model_id"])
+    assert out["model_uri"] == logged.artifact_location and out["model_uri"].startswith("mlflow-artifacts:")
+    assert MLFLOW_MODEL_IS_EXTERNAL not in logged.tags and logged.source_run_id == out["run_id"]
+    assert version_model_id(client.get_model_version(mlflow.model_name, out["version"])) == out["model_id"]
+    local = download_artifacts(artifact_uri=out["model_uri"], dst_path=str(tmp_path / "dl"), tracking_uri=mlflow.uri)
+    assert sorted(p.name for p in Path(local).iterdir()) == ["config.json"]
 
 
 def test_unreachable_server_fails_fast_naming_the_setting(tmp_path, monkeypatch):
@@ -150,7 +170,7 @@ def test_server_down_then_up(mlflow, tmp_path, monkeypatch):
 
     # A server lost after the health check: MLflow's own retries are short and the error is ours.
     with monkeypatch.context() as m:
-        m.setattr("e3prune.registry.check_tracking_server", lambda uri, timeout_seconds=10: None)
+        m.setattr("e3prune.tracking.check_tracking_server", lambda uri, timeout_seconds=10: None)
         started = time.monotonic()
         with pytest.raises(E3PruneError, match="lost the MLflow tracking server") as err:
             _register(mlflow, tmp_path, run_key)

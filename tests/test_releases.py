@@ -1,6 +1,6 @@
 """Recurring compression on real servers: release detection over SeaweedFS (S3) and a real
-``mlflow server`` — a new version is detected once, a second scheduled run is a no-op, and two
-runs racing on one release register one version."""
+``mlflow server`` — a new version is detected once, a second scheduled run names a gate that
+never ran and is a no-op once it has, and two runs racing on one release register one version."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from e3prune import releases
+from e3prune.gate import PromoteConfig, promote
 
 
 def _upload_model(s3, local: Path, rel: str) -> str:
@@ -63,10 +64,18 @@ def test_newest_s3_version_folder_is_detected_once(s3, mlflow, tiny_model, tmp_p
     assert release.revision == first.source_revision
 
     registered = _register(mlflow, release, run_key="nightly-1")
-    # The next night: nothing new, so the rest of the pipeline is skipped.
+    # The run stopped after register: the next night does not compress again, but names the gate.
+    pending = _detect(tmp_path, mlflow, family)
+    assert not pending.is_new and pending.existing_version == registered["version"]
+    assert f"registered as version {registered['version']} but its gate never ran" in pending.plan
+    command = f"e3prune promote --model-name {mlflow.model_name} --version {registered['version']}"
+    assert f"`{command} --tracking-uri {mlflow.uri}`" in pending.plan  # the run's own server
+    assert "skip: nothing new" not in pending.plan
+    promote(PromoteConfig.parse(model_name=mlflow.model_name, version=registered["version"]))
+    # Once the gate has decided: nothing new, so the rest of the pipeline is skipped.
     second = _detect(tmp_path, mlflow, family)
     assert not second.is_new and second.existing_version == registered["version"]
-    assert "skip: nothing new" in second.plan
+    assert "skip: nothing new" in second.plan and "gate never ran" not in second.plan
     # Another ratio of the same release is a different compression; force re-runs this one.
     assert _detect(tmp_path, mlflow, family, remove_ratio=0.25).is_new
     assert _detect(tmp_path, mlflow, family, force=True).is_new

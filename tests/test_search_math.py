@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from e3prune.search import gumbel_topk_mask, keep_count, sample_gumbel, temperature
+from e3prune.gumbel_topk import gumbel_topk_mask, keep_count, sample_gumbel, temperature
 
 
 @pytest.mark.parametrize("k", [1, 3, 5, 7])
@@ -80,7 +80,7 @@ def test_gumbel_noise_is_standard_gumbel():
 
 
 def test_shared_scale_adam_keeps_relative_sizes_and_ignores_the_mean():
-    from e3prune.search import SharedScaleAdam
+    from e3prune.gumbel_topk import SharedScaleAdam
 
     def run(grad: torch.Tensor) -> torch.Tensor:
         theta = torch.nn.Parameter(torch.zeros(4))

@@ -102,7 +102,7 @@ def test_s3_round_trip_marker_last_and_cache_reused(s3, monkeypatch, tmp_path):
 
     local = storage.input_dir(uri)
     assert local == Path(os.environ["E3PRUNE_CACHE"]) / "s3" / s3.bucket / s3.key("runs/data")
-    assert {k: v for k, v in _read_tree(local).items() if k != "_COMPLETE.json"} == files
+    assert {k: v for k, v in _read_tree(local).items() if k not in (storage.MARKER, storage.VERIFIED)} == files
 
     calls.clear()
     assert storage.input_dir(uri) == local
@@ -199,3 +199,73 @@ def test_read_file_takes_one_verified_file_without_the_rest(s3, tmp_path):
     local.mkdir()
     (local / "a.txt").write_text("x")
     assert storage.read_file(str(local), "a.txt") == b"x"
+
+
+def test_keys_that_climb_out_of_their_prefix_are_refused(s3):
+    for bad in ("s3://b/x/../../../../elsewhere/data", "s3://b/x/./y", "s3://b/x//y"):
+        with pytest.raises(E3PruneError) as err:
+            storage.split_s3(bad, field="data")
+        assert err.value.field == "data" and "'..' part" in str(err.value)
+    uri = s3.uri("climb")
+    with storage.output_dir(uri) as d:
+        _write_tree(d)
+    marker = {"../../outside.txt": {"size": 1, "sha256": "0" * 64}}
+    s3.client.put_object(Bucket=s3.bucket, Key=s3.key("climb/_COMPLETE.json"), Body=json.dumps(marker).encode())
+    with pytest.raises(E3PruneError) as err:
+        storage.input_dir(uri)
+    assert "'..' part" in str(err.value)
+    assert not list(Path(os.environ["E3PRUNE_CACHE"]).rglob("outside.txt"))
+
+
+def test_a_cached_copy_corrupted_in_place_is_detected_and_downloaded_again(s3):
+    """Same size, one byte flipped in the local cache after it was verified: hashed again, not trusted."""
+    uri = s3.uri("cached")
+    with storage.output_dir(uri) as d:
+        files = _write_tree(d)
+    local = storage.input_dir(uri)
+    target = local / "sub" / "b.bin"
+    data = bytearray(target.read_bytes())
+    data[10] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert storage.input_dir(uri) == local
+    assert (local / "sub" / "b.bin").read_bytes() == files["sub/b.bin"]  # the good bytes, downloaded again
+
+
+def test_a_deleted_object_is_named_in_the_error(s3):
+    uri = s3.uri("deleted")
+    with storage.output_dir(uri) as d:
+        _write_tree(d)
+    s3.client.delete_object(Bucket=s3.bucket, Key=s3.key("deleted/sub/deeper/c.json"))
+    with pytest.raises(E3PruneError) as err:
+        storage.input_dir(uri, field="data")
+    assert err.value.field == "data" and f"{uri}/sub/deeper/c.json" in str(err.value) and "not found" in str(err.value)
+
+
+def test_staging_left_by_a_killed_process_is_swept(tmp_path, s3):
+    """A real SIGKILL mid-write leaves a staging directory; the next write of that output removes it."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    out = tmp_path / "out"
+    script = (
+        "import sys, time\nfrom e3prune import storage\n"
+        "with storage.output_dir(sys.argv[1]) as d:\n    (d / 'half').write_text('x')\n    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    for target in (str(out), s3.uri("killed")):
+        proc = subprocess.Popen([sys.executable, "-c", script, target], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    leftovers = [*tmp_path.glob(".out.partial-*"), *Path(tempfile.gettempdir()).glob(f"e3prune-upload-{proc.pid}-*")]
+    assert len(leftovers) == 2, leftovers
+    time.sleep(0.1)
+    with storage.output_dir(str(out)) as d:
+        (d / "done").write_text("ok")
+    with storage.output_dir(s3.uri("again")) as d:
+        (d / "done").write_text("ok")
+    assert not [p for p in leftovers if p.exists()]
+    assert (out / "done").read_text() == "ok"

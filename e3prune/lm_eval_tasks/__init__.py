@@ -6,6 +6,9 @@ they run without a download.
 
 - ``python_stdlib_cloze``: 100 multiple-choice next-line items over the reference model's
   held-out Python standard-library files (``build.py`` makes them; metrics ``acc``, ``acc_norm``).
+
+``adapter.py`` runs tasks (these or lm-eval's own) on models already in memory for the evaluate
+step: it checks the task names and calls lm-eval's Python API.
 """
 
 from pathlib import Path

@@ -181,7 +181,7 @@ def render(items: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from e3prune.data import builtin_corpus
+    from e3prune.data_sources import builtin_corpus
 
     parser = argparse.ArgumentParser(prog="python -m e3prune.lm_eval_tasks.build", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the committed file differs from a rebuild")
