@@ -240,9 +240,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from e3prune_pipelines.compile import main as compile_main  # imports kfp: only when asked
+    from e3prune_pipelines.compile import run  # imports kfp: only when asked
 
-    return compile_main(["--check"] if args.check else [])
+    return run(args)
 
 
 def cmd_reference_path(args: argparse.Namespace) -> int:
@@ -452,8 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/e3-pruner", help="directory for KFP outputs, data, models and MLflow")
     add_config_flags(p, RunConfig)
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("compile", help="compile the pipeline and components to their committed YAML files")
-    p.add_argument("--check", action="store_true", help="fail when the committed YAML differs from a fresh compile")
+    from e3prune_pipelines.compile import add_arguments as compile_arguments  # no kfp at import
+
+    p = sub.add_parser("compile", help="compile the pipelines (CPU and GPU) and components to their committed YAML")
+    compile_arguments(p)
     p.set_defaults(func=cmd_compile)
     p = sub.add_parser("register", help="log a pipeline run's step outputs to MLflow and register its model")
     p.add_argument("--run-config", required=True, help="run_config.json of detect-release")

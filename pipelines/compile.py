@@ -36,10 +36,11 @@ def targets() -> dict[str, tuple[object, Path]]:
     """name -> (the compiled object, where its YAML lives in the source tree)."""
     import e3prune_components
     import e3prune_pipelines
-    from e3prune_pipelines.e3_pruner.pipeline import e3_pruner_pipeline
+    from e3prune_pipelines.e3_pruner.pipeline import e3_pruner_gpu_pipeline, e3_pruner_pipeline
 
     comp_root = Path(e3prune_components.__file__).parent
-    out = {"pipeline": (e3_pruner_pipeline, Path(e3prune_pipelines.__file__).parent / "e3_pruner" / "pipeline.yaml")}
+    here = Path(e3prune_pipelines.__file__).parent / "e3_pruner"
+    out = {"pipeline": (e3_pruner_pipeline, here / "pipeline.yaml"), "pipeline-gpu": (e3_pruner_gpu_pipeline, here / "pipeline-gpu.yaml")}
     for name in COMPONENTS:
         module = importlib.import_module(f"e3prune_components.{name}.component")
         out[name] = (getattr(module, name), comp_root / name / "component.yaml")
@@ -108,7 +109,7 @@ def compile_all(into: Path | None = None) -> dict[str, Path]:
         dest = into / f"{name}.yaml" if into else path
         compiler.Compiler().compile(obj, str(dest))
         written[name] = dest
-        if name != "pipeline":
+        if not name.startswith("pipeline"):
             readme = into / f"{name}.README.md" if into else path.parent / "README.md"
             readme.write_text(component_readme(name, obj))
             written[f"{name} README"] = readme
@@ -125,7 +126,7 @@ def check() -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         fresh = compile_all(Path(tmp))
         pairs = [(fresh[name], committed) for name, (_, committed) in targets().items()]
-        pairs += [(fresh[f"{n} README"], c.parent / "README.md") for n, (_, c) in targets().items() if n != "pipeline"]
+        pairs += [(fresh[f"{n} README"], c.parent / "README.md") for n, (_, c) in targets().items() if not n.startswith("pipeline")]
         for fresh_path, committed in pairs:
             new = fresh_path.read_text()
             old = committed.read_text() if committed.is_file() else ""
@@ -137,10 +138,47 @@ def check() -> list[str]:
     return problems
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="e3prune compile", description=__doc__.split("\n\n")[0])
+def compile_gpu(args: argparse.Namespace) -> int:
+    """``e3prune compile --gpu-output FILE …``: the GPU pipeline with other counts, labels or taints."""
+    from kfp import compiler
+
+    from e3prune.errors import E3PruneError
+    from e3prune_pipelines.e3_pruner.cluster import Toleration, gpu_cluster
+    from e3prune_pipelines.e3_pruner.pipeline import GPU_PIPELINE_NAME, make_pipeline
+
+    if args.gpus < 1 or args.distill_gpus < 1:
+        raise E3PruneError(f"must be at least 1, got {min(args.gpus, args.distill_gpus)}", field="gpus")
+    try:
+        selector = None if args.node_selector is None else dict(s.split("=", 1) for s in args.node_selector)
+        tolerations = (Toleration("nvidia.com/gpu"),) if args.toleration is None else tuple(
+            Toleration.parse(t) for t in args.toleration
+        )
+    except ValueError as exc:
+        field = "toleration" if "toleration" in str(exc) else "node_selector"
+        raise E3PruneError(f"{exc}; give KEY=VALUE for a node label", field=field) from None
+    cluster = gpu_cluster(args.gpus, args.distill_gpus, selector, tolerations, args.shm_size)
+    compiler.Compiler().compile(make_pipeline(cluster, GPU_PIPELINE_NAME), str(args.gpu_output))
+    print(f"pipeline-gpu: {args.gpu_output} ({args.gpus} GPU(s) per heavy step, {args.distill_gpus} for distill)")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``e3prune compile`` (imports nothing heavy: the CLI builds its parser with it)."""
     parser.add_argument("--check", action="store_true", help="fail if the committed YAML differs from a fresh compile")
-    args = parser.parse_args(argv)
+    gpu = parser.add_argument_group("a GPU pipeline of your own (instead of the committed files)")
+    gpu.add_argument("--gpu-output", type=Path, help="write a GPU pipeline with the settings below to this file")
+    gpu.add_argument("--gpus", type=int, default=1, help="GPUs per heavy step (default: 1)")
+    gpu.add_argument("--distill-gpus", type=int, default=1, help="GPUs of the distill step (default: 1)")
+    gpu.add_argument("--node-selector", action="append", default=None, metavar="KEY=VALUE",
+                     help="node label the GPU steps require; repeat (default: nvidia.com/gpu.present=true)")  # fmt: skip
+    gpu.add_argument("--toleration", action="append", default=None, metavar="KEY[=VALUE][:EFFECT]",
+                     help="taint the GPU steps tolerate; repeat (default: nvidia.com/gpu:NoSchedule)")  # fmt: skip
+    gpu.add_argument("--shm-size", default="16Gi", help="memory-backed /dev/shm of the GPU steps (default: 16Gi)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.gpu_output:
+        return compile_gpu(args)
     if args.check:
         problems = check()
         for p in problems:
@@ -151,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in compile_all().items():
         print(f"{name}: {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="e3prune compile", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

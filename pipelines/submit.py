@@ -53,9 +53,12 @@ SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
 _EQUALS = 1
 
 
-def default_package() -> Path:
-    """The compiled pipeline shipped as package data of ``e3prune_pipelines``."""
-    return Path(str(resources.files("e3prune_pipelines") / "e3_pruner" / "pipeline.yaml"))
+SHIPPED = {"cpu": "pipeline.yaml", "gpu": "pipeline-gpu.yaml"}  # `package: gpu` picks the GPU build
+
+
+def default_package(kind: str = "cpu") -> Path:
+    """A compiled pipeline shipped as package data of ``e3prune_pipelines``: the CPU or the GPU build."""
+    return Path(str(resources.files("e3prune_pipelines") / "e3_pruner" / SHIPPED[kind]))
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -75,7 +78,9 @@ class KFPConfig(StepConfig):
         None, min_length=1, description="version name (default: e3-pruner version + hash of the package)"
     )
     experiment: str = Field("e3-pruner", min_length=1, description="experiment, got or created")
-    package: str | None = Field(None, min_length=1, description="compiled pipeline YAML (default: the shipped one)")
+    package: str | None = Field(
+        None, min_length=1, description="compiled pipeline YAML, or cpu / gpu for a shipped build (default: cpu)"
+    )
     service_account: str | None = Field(None, min_length=1, description="Kubernetes service account of the runs")
     parameters: dict[str, Any] = Field(default_factory=dict, description="pipeline parameters")
 
@@ -132,7 +137,7 @@ class KFPConfig(StepConfig):
         return cls.parse({**data, **given})
 
     def package_path(self) -> Path:
-        path = Path(self.package) if self.package else default_package()
+        path = default_package(self.package or "cpu") if (self.package or "cpu") in SHIPPED else Path(self.package)
         if not path.is_file():
             hint = "" if self.package else " (the shipped pipeline is missing: compile pipelines/e3_pruner)"
             raise E3PruneError(f"compiled pipeline {path} does not exist{hint}", field="package")

@@ -26,7 +26,7 @@ KUBE_VERSION = "1.30.0"
 RELEASE, NAMESPACE = "e3", "mlops"
 MLFLOW_SVC = "e3-e3-pruner-mlflow"
 TRACKING_URI = f"http://{MLFLOW_SVC}.{NAMESPACE}.svc.cluster.local:5000"
-PIPELINE = ROOT / "pipelines" / "e3_pruner" / "pipeline.py"
+PIPELINE = ROOT / "pipelines" / "e3_pruner" / "cluster.py"  # where the Secret and ConfigMap are named
 PIPELINE_NS = "kubeflow-user-example-com"  # kfp.namespace of the sample values
 # The keys `e3prune schedule --config` accepts (docs/operations.md, "The settings file"); it refuses others.
 SCHEDULE_KEYS = {

@@ -79,7 +79,7 @@ def test_only_a_new_release_runs_the_compression_and_a_pending_gate_runs_alone()
 
 
 def test_retries_caching_resources_and_credentials_per_step():
-    from e3prune_pipelines.e3_pruner.pipeline import ENV_CONFIG_MAP, NETWORK_RETRIES, S3_SECRET
+    from e3prune_pipelines.e3_pruner.cluster import ENV_CONFIG_MAP, NETWORK_RETRIES, S3_SECRET
 
     tasks = _tasks()
     for name, task in tasks.items():
@@ -129,3 +129,72 @@ def test_the_library_never_imports_kfp():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def _gpu_docs(path=None) -> list[dict]:
+    path = path or _spec_path().with_name("pipeline-gpu.yaml")
+    return list(yaml.safe_load_all(Path(path).read_text()))
+
+
+def test_the_gpu_pipeline_asks_for_gpus_on_the_heavy_steps_only():
+    from e3prune_components.image import DEFAULT_CUDA_IMAGE
+    from e3prune_pipelines.e3_pruner.cluster import GPU_STEPS
+
+    spec, platform = _gpu_docs()
+    assert spec["pipelineInfo"]["name"] == "e3-pruner-gpu"
+    assert spec["root"]["inputDefinitions"] == _spec()["root"]["inputDefinitions"]  # the same run form
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name, ex in spec["deploymentSpec"]["executors"].items():
+        task = name.removeprefix("exec-")
+        assert ex["container"]["image"] == DEFAULT_CUDA_IMAGE, name
+        accelerator = ex["container"].get("resources", {}).get("accelerator")
+        if task in GPU_STEPS:
+            assert accelerator == {"count": "1", "resourceCount": "1", "resourceType": "nvidia.com/gpu",
+                                   "type": "nvidia.com/gpu"}, name  # fmt: skip
+            assert k8s[name]["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}, name
+            assert k8s[name]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+            assert k8s[name]["emptyDirMounts"] == [
+                {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi", "volumeName": "dshm"}
+            ]
+        else:
+            assert accelerator is None and "nodeSelector" not in k8s[name], name
+
+
+def test_compile_writes_a_gpu_pipeline_with_other_counts_labels_and_taints(tmp_path):
+    from e3prune_pipelines.compile import main
+
+    out = tmp_path / "mine.yaml"
+    args = ["--gpu-output", str(out), "--gpus", "2", "--distill-gpus", "8", "--shm-size", "64Gi",
+            "--node-selector", "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3", "--toleration", "dedicated=ml:NoExecute"]  # fmt: skip
+    assert main(args) == 0
+    spec, platform = _gpu_docs(out)
+    counts = {n: ex["container"]["resources"]["accelerator"]["count"]
+              for n, ex in spec["deploymentSpec"]["executors"].items() if "accelerator" in ex["container"].get("resources", {})}  # fmt: skip
+    assert counts == {"exec-teacher-logits": "2", "exec-search-mask": "2", "exec-harden-mask": "2",
+                      "exec-evaluate": "2", "exec-distill": "8"}  # fmt: skip
+    distill = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-distill"]
+    assert distill["nodeSelector"] == {"labels": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}
+    assert distill["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"}]
+    assert distill["emptyDirMounts"][0]["sizeLimit"] == "64Gi"
+
+
+def test_bad_gpu_compile_settings_are_one_error(tmp_path):
+    import subprocess
+    import sys
+
+    for args, field in ((["--gpus", "0"], "gpus"), (["--toleration", "k:Sometimes"], "toleration"),
+                        (["--node-selector", "nolabel"], "node_selector")):  # fmt: skip
+        out = tmp_path / "x.yaml"
+        run = subprocess.run([sys.executable, "-m", "e3prune.cli", "compile", "--gpu-output", str(out), *args],
+                             capture_output=True, text=True)  # fmt: skip
+        assert run.returncode == 2 and run.stderr.startswith(f"error: {field}: "), run.stderr
+        assert not out.exists()
+
+
+def test_submit_and_schedule_take_the_gpu_build_by_name(monkeypatch):
+    from e3prune_pipelines.submit import SubmitConfig
+
+    monkeypatch.setenv("KF_PIPELINES_ENDPOINT", "http://127.0.0.1:1")
+    cfg = SubmitConfig.parse(package="gpu", pipeline_name="e3-pruner-gpu", parameters={"remove_ratio": 0.4})
+    assert cfg.package_path().name == "pipeline-gpu.yaml" and cfg.parameters == {"remove_ratio": 0.4}
+    assert SubmitConfig.parse().package_path().name == "pipeline.yaml"
