@@ -227,6 +227,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     params = {k: v for k, v in vars(args).items() if k in RunConfig.model_fields and v is not None}
     print(f"e3-pruner: running the pipeline locally (kfp.local) into {Path(args.output).resolve()}", flush=True)
+    for warning in RunConfig.parse(params).repeat_warnings():
+        print(f"warning: {warning}", flush=True)
     result = run_local(params, args.output)
     print()
     print(result["summary"])

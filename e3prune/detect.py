@@ -70,6 +70,7 @@ def _plan(cfg: RunSettings, found: Detection, n_layers: int, n_remove: int) -> s
         f"- **Source:** `{cfg.source_model}` → `{release.uri}` at revision `{release.revision}`",
         f"- **Layers:** {n_layers}, removing {n_remove} ({cfg.remove_ratio:.0%}), keeping {n_layers - n_remove}",
     ]
+    lines += [f"- **Repeated data:** {warning}" for warning in cfg.repeat_warnings()]
     if done:
         lines.append(f"- **Already compressed:** `{cfg.registered_model_name}` version {done}")
     if found.action == "gate":

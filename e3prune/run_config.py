@@ -186,6 +186,19 @@ class RunSettings(StepConfig):
             "gate": self.gate_params(),
         }
 
+    def repeat_warnings(self) -> list[str]:
+        """Where a budget reads its split more than once (repeated data over-fits: docs/method.md, Stage 0)."""
+        reads = [
+            ("search_budget_tokens", self.search_budget_tokens, "search_split_tokens", self.search_split_tokens),
+            ("distill_budget_tokens", self.distill_budget_tokens, "distill_split_tokens", self.distill_split_tokens),
+        ]
+        return [
+            f"{budget} ({used:,}) reads {split} ({size:,}) {used / size:.1f} times; "
+            f"raise {split} to {used:,} to see each sequence once"
+            for budget, used, split, size in reads
+            if size and used > size
+        ]
+
     # ------------------------------------------------------------- validation
 
     def check(self) -> None:

@@ -153,3 +153,18 @@ def test_step_parameters_are_json_kfp_can_carry():
     for params in RunConfig().step_params().values():
         walk(params)
     walk(RunConfig.parse(lm_eval_limit=5, lm_eval_tasks="python_stdlib_cloze").step_params())
+
+
+def test_a_budget_that_repeats_its_split_is_named_in_the_plan(tmp_path):
+    from kfp_calls import call_detect_release
+
+    warnings = RunConfig().repeat_warnings()  # the defaults repeat both splits
+    assert warnings == [
+        "search_budget_tokens (614,400) reads search_split_tokens (65,536) 9.4 times; "
+        "raise search_split_tokens to 614,400 to see each sequence once",
+        "distill_budget_tokens (524,288) reads distill_split_tokens (131,072) 4.0 times; "
+        "raise distill_split_tokens to 524,288 to see each sequence once",
+    ]
+    assert RunConfig.parse(search_split_tokens=614_400, distill_split_tokens=524_288).repeat_warnings() == []
+    out = call_detect_release(tmp_path, mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert f"- **Repeated data:** {warnings[0]}" in out.plan
