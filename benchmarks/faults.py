@@ -119,7 +119,7 @@ def table(results: dict[str, tuple[str, float]], started: str, seconds: float) -
         "",
         f"`python benchmarks/faults.py` on {started}: {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, torch {torch.__version__}; {seconds / 60:.1f} min in all.",
-        "Each fault is injected for real by the test named; 'held' means the test asserted the outcome.",
+        "Each fault is injected for real by the test named; 'held' means the test asserted the outcome (seconds: the test's wall time, indicative only — other jobs shared the machine).",
         "",
         "| fault | step | outcome | data lost | held | test |",
         "|---|---|---|---|---|---|",

@@ -31,6 +31,10 @@ class Chain:
         self.prefix = str(root / "storage")
         self.done: dict[str, dict] = {}
 
+    def params(self, step: str, **overrides) -> dict:
+        """One step's parameters for this chain's run, with pipeline parameters overridden."""
+        return step_params(**overrides)[step]
+
     def art(self, cls_name: str, name: str):
         from kfp import dsl
 

@@ -48,6 +48,7 @@ from e3prune.data_sources import (
     tokenizer_fingerprint,
 )
 from e3prune.errors import E3PruneError
+from e3prune.threads import follow_cpu_quota
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +322,7 @@ def sample_data(cfg: SampleConfig) -> dict[str, Any]:
     tokenizer, ``seq_len``, each source's location, format and field, an empty source — is checked
     before tokenizing starts.
     """
+    follow_cpu_quota()
     storage.check_output(cfg.output, cfg.overwrite)
     split_tokens = _split_tokens(cfg)
     check_resources(cfg, split_tokens)

@@ -73,6 +73,7 @@ from e3prune.distill_training import METRICS_FILE, Training, save_checkpoint, se
 from e3prune.errors import E3PruneError
 from e3prune.harden import PRUNING_FILE
 from e3prune.model_io import model_dir
+from e3prune.threads import follow_cpu_quota
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ def distill(cfg: DistillConfig, callback: MetricsCallback | None = None) -> dict
     ``pruning.json``, under its ``distillation`` key). ``callback`` gets each step's metrics dict
     on the main process.
     """
+    follow_cpu_quota()
     accelerator = _accelerator(cfg)
     started = time.time()
     inputs = _check_inputs(accelerator, cfg)

@@ -18,8 +18,9 @@ split of the sample step's data:
   'e3-pruner[eval]'``; :mod:`e3prune.lm_eval_tasks.adapter`), e.g. ``python_stdlib_cloze``, the
   task shipped in ``e3prune/lm_eval_tasks``.
 
-Memory: the models are loaded together (a model given twice is loaded once), in eval mode on the
-GPU when there is one. Beside the weights, a batch holds a few fp32 tensors of B × S × V (two
+Memory: the models are loaded together (a model given twice is loaded once), in eval mode, each
+placed by :func:`e3prune.placement.load_placed` (``device``): on the CPU in fp32, or on GPUs in
+bf16, on the first GPU with room for it, else sharded over the visible GPUs. Beside the weights, a batch holds a few fp32 tensors of B × S × V (two
 models' logits, their log-softmax, the KL terms): about 6 · B · S · V · 4 bytes. That is small
 for the reference model; for a 150 k-vocabulary model at S = 2048 it is ~7 GB per sequence of
 the batch, so lower ``batch_size`` there, and give ``dtype=bfloat16`` when the three models'
@@ -93,10 +94,12 @@ from e3prune.data import load_split, read_manifest, tokenizer_fingerprint
 from e3prune.errors import E3PruneError
 from e3prune.lm_eval_tasks.adapter import check_lm_eval_tasks, run_lm_eval
 from e3prune.metrics import HeldOut, gap_closed, heldout_sums
-from e3prune.model_io import describe, load_causal_lm, load_config, load_tokenizer
+from e3prune.model_io import describe, load_config, load_tokenizer
+from e3prune.placement import DEVICE_HELP, Device, align_io, check_device, load_placed
 from e3prune.reference import default_model
 from e3prune.report import summary_markdown
 from e3prune.speed import SpeedSettings, measure_speed
+from e3prune.threads import follow_cpu_quota
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +126,9 @@ class EvaluateConfig(StepConfig):
         8, ge=1, le=4096, description="sequences per evaluation forward; also lm-eval's batch size"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="weights' dtype: auto keeps each checkpoint's own"
+        "auto", description="weights' dtype: auto is the placement's (fp32 on the CPU, bf16 on GPUs)"
     )
+    device: Device = Field("auto", description=DEVICE_HELP)
     speed: bool = Field(True, description="measure prefill and decode tokens/s of teacher and student")
     speed_repeats: int = Field(5, ge=1, le=1000, description="interleaved timed runs per model; medians are reported")
     prefill_batch: int = Field(8, ge=1, description="sequences in the timed prefill")
@@ -239,6 +243,7 @@ def _check_positions(cfg: EvaluateConfig, configs: dict[str, Any], seq_len: int)
 
 def check_evaluate_inputs(cfg: EvaluateConfig) -> EvaluateInputs:
     """Everything that can be checked before loading weights; raises :class:`E3PruneError`."""
+    check_device(cfg.device)
     configs = {role: load_config(path, field=role) for role, path in cfg.paths().items()}
     manifest = read_manifest(cfg.data)
     tokenizer = _check_tokenizers(cfg, configs, manifest)
@@ -257,14 +262,21 @@ def check_evaluate_inputs(cfg: EvaluateConfig) -> EvaluateInputs:
 # --------------------------------------------------------------------------- the step
 
 
-def _load_models(cfg: EvaluateConfig, device: torch.device) -> dict[str, torch.nn.Module]:
-    """Every role's model in eval mode on ``device``; a directory given twice is loaded once."""
+def _load_models(cfg: EvaluateConfig) -> dict[str, torch.nn.Module]:
+    """Every role's model in eval mode, placed by ``cfg.device``; a directory given twice is loaded once.
+
+    Each model is placed with the GPU memory the ones before it left; a model that lands on
+    another device than the teacher's input moves its inputs there and its outputs back.
+    """
     by_path: dict[Path, torch.nn.Module] = {}
     models = {}
+    teacher_input = None
     for role, path in cfg.paths().items():
         key = Path(path).resolve()
         if key not in by_path:
-            by_path[key] = load_causal_lm(path, cfg.dtype, field=role).to(device).eval()
+            model, device = load_placed(path, cfg.device, None if cfg.dtype == "auto" else cfg.dtype, field=role)
+            teacher_input = teacher_input or device
+            by_path[key] = align_io(model, device, teacher_input)
         models[role] = by_path[key]
     return models
 
@@ -324,15 +336,16 @@ def _data_section(cfg: EvaluateConfig, manifest: dict[str, Any], ids: torch.Tens
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """The step: validate, measure, write ``metrics.json`` and ``summary.md``; return the metrics."""
+    follow_cpu_quota()
     inputs = check_evaluate_inputs(cfg)
     ids = load_split(cfg.data, SPLIT)
     split_sequences = ids.size(0)
     if cfg.eval_sequences is not None:
         ids = ids[: cfg.eval_sequences]
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models = _load_models(cfg, device)
-    log.info("evaluating %s on %d eval sequences of %d tokens (%s)", ", ".join(models), *ids.shape, device)
+    models = _load_models(cfg)
+    where = ", ".join(f"{role} {m.placement.describe()}" for role, m in models.items())
+    log.info("evaluating %s on %d eval sequences of %d tokens (%s)", ", ".join(models), *ids.shape, where)
     model_metrics, comparisons = _quality(cfg, models, heldout_sums(models, ids, cfg.batch_size))
     speed = _speed(cfg, models, inputs.tokenizer)
     lm_eval_results: dict[str, Any] = {}

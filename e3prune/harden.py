@@ -26,10 +26,12 @@ from torch import nn
 
 from e3prune import __version__, storage
 from e3prune.adapters import get_adapter
-from e3prune.model_io import DTYPES, load_causal_lm, load_config, load_tokenizer
+from e3prune.model_io import DTYPES, load_config, load_tokenizer
 from e3prune.config import StepConfig
 from e3prune.errors import E3PruneError
 from e3prune.masking import keep_from_removed, masked_view, validate_keep
+from e3prune.threads import follow_cpu_quota
+from e3prune.placement import Device, check_device, dispatch_kept_layers, input_device, load_placed, undispatch
 
 log = logging.getLogger(__name__)
 PRUNING_FILE = "pruning.json"
@@ -135,7 +137,7 @@ def verify_hardened(
     Logits are compared in fp32 on a full-sequence forward; generation is greedy, the hardened
     model *with* its KV cache and the masked view without one (see masking.py for why).
     """
-    probe = probe.to(next(source.parameters()).device)
+    probe = probe.to(input_device(source))
     with masked_view(source, keep):
         want = source(input_ids=probe, use_cache=False).logits.float()
         want_tokens = greedy_tokens(source, probe, new_tokens, use_cache=False)
@@ -161,6 +163,11 @@ class HardenConfig(StepConfig):
     dtype: str = Field("auto", description="dtype to load and save in: " + ", ".join(DTYPES))
     verify: bool = True
     verify_atol: float = Field(1e-5, gt=0, description="max |logit diff| (fp32) against the masked view")
+    device: Device = Field(
+        "auto",
+        description="where the source is loaded and the verification runs: auto and cpu: the CPU, in dtype; "
+        "cuda: GPUs in fp32 (one GPU, else sharded), then saved from the CPU in dtype (auto: the checkpoint's own)",
+    )
     overwrite: bool = False
     metadata: dict[str, Any] = Field(default_factory=dict, description="extra entries for pruning.json")
 
@@ -187,6 +194,15 @@ class HardenResult:
     pruning: dict[str, Any]
 
 
+def _saved_dtype(dtype: str, config: Any) -> torch.dtype:
+    """The dtype a checkpoint is saved in: ``dtype``, or for ``auto`` the one its config records (fp32 if none)."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    own = getattr(torch, own, None) if isinstance(own, str) else own
+    return own if isinstance(own, torch.dtype) else torch.float32
+
+
 def resolve_keep(cfg: HardenConfig, num_layers: int) -> list[int]:
     if cfg.keep_layers is not None:
         return validate_keep(cfg.keep_layers, num_layers, field="keep_layers")
@@ -195,6 +211,8 @@ def resolve_keep(cfg: HardenConfig, num_layers: int) -> list[int]:
 
 def harden_checkpoint(cfg: HardenConfig) -> HardenResult:
     """The step: validate everything, load, harden, verify, and write the checkpoint atomically."""
+    follow_cpu_quota()
+    check_device(cfg.device)
     config = load_config(cfg.model)  # path and architecture checked before any weights load
     num_layers = config.num_hidden_layers
     keep = resolve_keep(cfg, num_layers)
@@ -202,9 +220,12 @@ def harden_checkpoint(cfg: HardenConfig) -> HardenResult:
     removed = [i for i in range(num_layers) if i not in set(keep)]
 
     started = time.time()
-    source = load_causal_lm(cfg.model, cfg.dtype)
+    on_gpu = cfg.device == "cuda"  # verified in fp32 there; the CPU (the default) verifies in dtype, exactly
+    source, _ = load_placed(cfg.model, cfg.device if on_gpu else "cpu", torch.float32 if on_gpu else cfg.dtype)
     tokenizer = load_tokenizer(cfg.model)
     hardened = harden(source, keep, share_weights=True)  # the source is discarded after saving
+    if on_gpu:
+        hardened = dispatch_kept_layers(hardened, source, get_adapter(source).layers_path, keep)
     verification = None
     if cfg.verify:
         verification = verify_hardened(source, hardened, keep, probe_batch(config.vocab_size))
@@ -215,6 +236,8 @@ def harden_checkpoint(cfg: HardenConfig) -> HardenResult:
                 f"{'match' if verification.greedy_tokens_match else 'differ'}; nothing was written",
                 field="verify",
             )
+    if on_gpu:  # saved from the CPU in the dtype asked for, not the fp32 the verification used
+        hardened = undispatch(hardened).to("cpu", _saved_dtype(cfg.dtype, config))
     pruning = {
         "format_version": 1,
         "source": {

@@ -51,19 +51,34 @@ def load_config(path: str | os.PathLike, field: str = "model") -> Any:
     return config
 
 
-def load_causal_lm(path: str | os.PathLike, dtype: str = "auto", field: str = "model"):
-    """Load a supported causal LM (no remote code) in eval mode."""
+def load_causal_lm(
+    path: str | os.PathLike,
+    dtype: str | torch.dtype = "auto",
+    field: str = "model",
+    device_map: dict[str, int | str] | None = None,
+):
+    """Load a supported causal LM (no remote code) in eval mode.
+
+    ``dtype``: a name of :data:`DTYPES` or a torch dtype. ``device_map``: where the weights go
+    (``from_pretrained``'s argument; None: the CPU). Steps do not call this directly: they place
+    their models with :func:`e3prune.placement.load_placed`, which decides the dtype and device map.
+    """
     from transformers import AutoModelForCausalLM
 
     load_config(path, field)
     path = model_dir(path, field)  # the local copy of an s3:// checkpoint
-    if dtype not in DTYPES:
+    if not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
         raise E3PruneError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}", field="dtype")
     from safetensors import SafetensorError
 
+    placed = {} if device_map is None else {"device_map": device_map}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], trust_remote_code=False, output_loading_info=True
+            path,
+            dtype=dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype],
+            trust_remote_code=False,
+            output_loading_info=True,
+            **placed,
         )
     except (OSError, SafetensorError) as exc:
         raise E3PruneError(f"{path} has a config but its weights cannot be loaded: {exc}", field=field) from None

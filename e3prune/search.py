@@ -43,11 +43,13 @@ from e3prune.errors import E3PruneError
 from e3prune.gumbel_topk import SharedScaleAdam, gumbel_topk_mask, keep_count, sample_gumbel, temperature
 from e3prune.losses import next_token_ce, topk_kl
 from e3prune.masking import gated_layers
-from e3prune.model_io import load_causal_lm, load_config, load_tokenizer
+from e3prune.model_io import load_config, load_tokenizer
+from e3prune.placement import DEVICE_HELP, Device, check_device, load_placed
 from e3prune.reference import default_model
 from e3prune.resumable import ResumableState, load_tree, resume_key, save_tree
 from e3prune.selection import Calibration, Meter, kl_importance, masked_loss, n_remove_for
 from e3prune.teacher import TeacherTopK
+from e3prune.threads import follow_cpu_quota
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,9 @@ SEARCH_STATE = "search_state"  # search_state.json + search_state.safetensors in
 # Settings that may change between a killed search and its rerun without changing its result.
 NOT_RESUME_RELEVANT = {"output", "overwrite", "state", "checkpoint_every_steps"}
 MAX_SEARCH_TOKENS = 10**12  # far beyond any real search (the default is 0.6 M tokens): a typo, not a plan
+
+
+SelectionMethod = Literal["e3", "best", "sleb", "block_influence", "angular", "kl_oneshot", "last", "random"]
 
 
 class SearchConfig(StepConfig):
@@ -65,6 +70,11 @@ class SearchConfig(StepConfig):
     output: str = Field(description="where to write search.json and trajectory.jsonl")
     remove_ratio: Annotated[float, AfterValidator(open_unit_interval), PipelineParameter()] = Field(
         0.25, description="fraction of decoder layers to remove, in (0, 1); rounded to whole layers"
+    )
+    selection_method: Annotated[SelectionMethod, PipelineParameter()] = Field(
+        "e3",
+        description="e3 (the Gumbel-TopK search), best (E³ or SLEB, whichever has the lower KL on held-back data) "
+        "or a baseline: sleb, block_influence, angular, kl_oneshot, last, random",
     )
     search_tokens: Annotated[int, PipelineParameter("search_budget_tokens")] = Field(
         614_400,
@@ -108,6 +118,9 @@ class SearchConfig(StepConfig):
         None, description="local directory or s3:// URI for the resumable state (default: OUTPUT.state, beside it)"
     )
     seed: Annotated[int, PipelineParameter("search_seed")] = Field(0, ge=0, description="seed of the Gumbel noise")
+    device: Device = Field(
+        "auto", description=DEVICE_HELP + "; θ, the optimiser and the losses stay fp32 (θ on the CPU) wherever it runs"
+    )
     overwrite: bool = False
 
     @field_validator("tau_end")
@@ -171,6 +184,7 @@ class SearchRun:
     total_steps: int
     tokens_per_step: int
     store: ResumableState
+    input_device: torch.device = torch.device("cpu")  # where batches go: the model's embedding
 
 
 @dataclass
@@ -243,6 +257,7 @@ def state_store(cfg: SearchConfig) -> ResumableState:
 
 def check_search_inputs(cfg: SearchConfig) -> tuple[int, int, TeacherTopK]:
     """Validation before any weights load: returns (L, n_remove, cache)."""
+    check_device(cfg.device)
     config = load_config(cfg.model)
     L = config.num_hidden_layers
     n_remove = n_remove_for(cfg.remove_ratio, L)
@@ -268,12 +283,12 @@ def _set_up(cfg: SearchConfig) -> SearchRun:
     L, n_remove, cache = check_search_inputs(cfg)
     store = state_store(cfg)
     store.check_writable()
-    model = load_causal_lm(cfg.model, "float32")
+    model, input_device = load_placed(cfg.model, cfg.device)  # fp32 on the CPU, bf16 on GPUs (frozen)
     model.requires_grad_(False)
     data = cache.load("search")
     tokens_per_step = cfg.batch_size * data["input_ids"].size(1)
     total_steps = max(1, math.ceil(cfg.search_tokens / tokens_per_step))
-    return SearchRun(cfg, model, data, L, L - n_remove, total_steps, tokens_per_step, store)
+    return SearchRun(cfg, model, data, L, L - n_remove, total_steps, tokens_per_step, store, input_device)
 
 
 def _initial_state(run: SearchRun, started: float) -> SearchState:
@@ -313,14 +328,14 @@ def _search_step(run: SearchRun, state: SearchState, gates) -> dict:
     n_seq = data["input_ids"].size(0)
     pos = (step * cfg.batch_size) % n_seq
     idx = state.order[torch.arange(pos, pos + cfg.batch_size) % n_seq]
-    device = next(run.model.parameters()).device
+    device = run.input_device
     x = data["input_ids"][idx].to(device)
     k_t = keep_count(step, run.total_steps, L, run.k, cfg.curriculum, cfg.curriculum_fraction)
     tau = temperature(step, run.total_steps, cfg.tau_start, cfg.tau_end)
     mask, hard = gumbel_topk_mask(state.theta, k_t, tau, sample_gumbel(L, state.generator))
     for l, g in enumerate(gates):
         g.gate, g.closed = mask[l], bool(hard[l] == 0)
-    logits = run.model(input_ids=x, use_cache=False).logits
+    logits = run.model(input_ids=x, use_cache=False).logits.float()  # the loss in fp32 (bf16 weights on GPUs)
     loss = topk_kl(logits, data["values"][idx].to(device), data["ids"][idx].to(device), data["lse"][idx].to(device))
     loss = loss.mean()
     if cfg.ce_weight > 0:
@@ -404,6 +419,11 @@ def _write_output(cfg: SearchConfig, result: dict, trajectory: list[dict]) -> No
 
 def search_mask(cfg: SearchConfig) -> dict:
     """The step. Returns the result written to ``search.json`` (keep, removed, θ, candidates, cost)."""
+    follow_cpu_quota()
+    if cfg.selection_method != "e3":  # another selector, or the better of E³ and SLEB
+        from e3prune.choose import choose_layers
+
+        return choose_layers(cfg)
     started = time.time()
     run = _set_up(cfg)
     state = _resume_or_start(run, started)

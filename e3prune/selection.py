@@ -29,7 +29,9 @@ from e3prune.config import StepConfig
 from e3prune.errors import E3PruneError
 from e3prune.losses import next_token_ce, topk_kl
 from e3prune.masking import gated_layers, masked_view
+from e3prune.placement import DEVICE_HELP, Device, check_device, input_device, load_placed
 from e3prune.reference import default_model
+from e3prune.threads import follow_cpu_quota
 
 
 @dataclass
@@ -106,11 +108,11 @@ def masked_loss(
     if criterion == "kl" and calib.values is None:
         raise E3PruneError("the KL criterion needs the teacher's cached top-K", field="criterion")
     total, count = 0.0, 0
-    device = next(model.parameters()).device
+    device = input_device(model)
     with masked_view(model, keep):
         for s in range(0, calib.input_ids.size(0), batch_size):
             x = calib.input_ids[s : s + batch_size].to(device)
-            logits = model(input_ids=x, use_cache=False).logits
+            logits = model(input_ids=x, use_cache=False).logits.float()  # fp32 losses (bf16 weights on GPUs)
             if criterion == "kl":
                 per_tok = topk_kl(
                     logits,
@@ -185,7 +187,7 @@ def _layer_io(model: nn.Module, calib: Calibration, batch_size: int, meter: Mete
 
     A generator, so callers reduce batch by batch and memory stays at one batch of activations."""
     L = _num_layers(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     with gated_layers(model) as gates:
         for s in range(0, calib.input_ids.size(0), batch_size):
             io: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -227,7 +229,8 @@ def select_angular(model: nn.Module, calib: Calibration, n_remove: int, batch_si
     for io in _layer_io(model, calib, batch_size, meter):
         hidden = [h_in for h_in, _ in io] + [io[-1][1]]  # hidden[l] = input of layer l; hidden[L] = last output
         for start in range(starts):
-            cos = torch.nn.functional.cosine_similarity(hidden[start], hidden[start + n_remove], dim=-1).clamp(-1, 1)
+            h_end = hidden[start + n_remove].to(hidden[start].device)  # layers of a sharded model on other GPUs
+            cos = torch.nn.functional.cosine_similarity(hidden[start], h_end, dim=-1).clamp(-1, 1)
             dist_sum[start] += (torch.arccos(cos) / math.pi).double().sum().cpu()
         count += hidden[0].size(0)
     dist = (dist_sum / count).tolist()
@@ -336,15 +339,18 @@ class SelectConfig(StepConfig):
     batch_size: int = Field(8, ge=1)
     max_combinations: int = Field(5000, ge=1, description="refuse exhaustive search beyond this many removal sets")
     seed: int = 0
+    device: Device = Field("auto", description=DEVICE_HELP)
     overwrite: bool = False
 
 
 def select_layers(cfg: SelectConfig) -> Selection:
     """The step: validate, load, run the selector on the calibration set, write ``selection.json``."""
+    follow_cpu_quota()
     from e3prune import storage
-    from e3prune.model_io import load_causal_lm, load_config
+    from e3prune.model_io import load_config
     from e3prune.teacher import TeacherTopK
 
+    check_device(cfg.device)
     config = load_config(cfg.model)
     L = config.num_hidden_layers
     n = n_remove_for(cfg.remove_ratio, L)
@@ -356,7 +362,7 @@ def select_layers(cfg: SelectConfig) -> Selection:
     cache.check_teacher(cfg.model, config)  # its calibration losses compare this model with its own cache
     cache.check_positions(config)
     storage.check_output(cfg.output, cfg.overwrite)
-    model = load_causal_lm(cfg.model, "float32")
+    model, _ = load_placed(cfg.model, cfg.device)  # fp32 on the CPU, bf16 on GPUs; batches go to its input device
     calib = Calibration.from_batch(cache.batch("search", 0, min(cfg.calibration_sequences, cache.sequences("search"))))
     opts = {"seed": cfg.seed, "batch_size": cfg.batch_size, "max_combinations": cfg.max_combinations}
     if cfg.criterion:

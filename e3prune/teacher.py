@@ -30,11 +30,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from e3prune import storage
-from e3prune.model_io import load_causal_lm, load_config, load_tokenizer, model_dir
+from e3prune.model_io import load_config, load_tokenizer, model_dir
 from e3prune.config import PipelineParameter, StepConfig
 from e3prune.data import load_split, read_manifest, tokenizer_fingerprint
 from e3prune.errors import E3PruneError
+from e3prune.placement import DEVICE_HELP, Device, check_device, load_placed
 from e3prune.reference import default_model
+from e3prune.threads import follow_cpu_quota
 
 log = logging.getLogger(__name__)
 Split = Literal["search", "distill", "eval"]
@@ -59,12 +61,16 @@ class TeacherLogitsConfig(StepConfig):
         8, ge=1, le=4096, description="sequences per teacher forward"
     )
     shard_sequences: int = Field(1024, ge=1, description="sequences per cache shard")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="teacher weights' dtype: auto is the placement's (fp32 on the CPU, bf16 on GPUs)"
+    )
+    device: Device = Field("auto", description=DEVICE_HELP)
     overwrite: bool = False
 
 
 def check_cache_inputs(cfg: TeacherLogitsConfig) -> dict:
     """Everything that can be checked without loading weights; returns the data manifest."""
+    check_device(cfg.device)
     config = load_config(cfg.model)
     if cfg.top_k > config.vocab_size:
         raise E3PruneError(f"K = {cfg.top_k} is larger than the vocabulary ({config.vocab_size})", field="top_k")
@@ -110,9 +116,9 @@ def topk_logits(model, input_ids: torch.Tensor, k: int) -> dict[str, torch.Tenso
 
 def teacher_logits(cfg: TeacherLogitsConfig) -> dict:
     """The step: one teacher pass over each split; writes shards and a manifest; returns the manifest."""
+    follow_cpu_quota()
     data_manifest = check_cache_inputs(cfg)
-    model = load_causal_lm(cfg.model, cfg.dtype)
-    device = next(model.parameters()).device
+    model, device = load_placed(cfg.model, cfg.device, None if cfg.dtype == "auto" else cfg.dtype)
     splits: dict[str, dict] = {}
     started = time.time()
     with storage.output_dir(cfg.output, cfg.overwrite) as out:

@@ -162,6 +162,7 @@ def _broken_reference(tmp_path, how: str):
         ("missing", "1 missing (model.layers.5.mlp.down_proj.weight); 1 unexpected (model.layers.99.stray.weight)"),
         ("truncated", "weights cannot be loaded"),
     ],
+    ids=["missing", "truncated"],
 )
 def test_a_checkpoint_with_wrong_tensors_is_refused_with_one_line(tmp_path, how, words):
     """transformers would fill a missing weight with random values; harden must not write a "verified" model."""

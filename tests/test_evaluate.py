@@ -462,7 +462,7 @@ def test_bad_input_fails_before_loading_weights(
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded before the input was checked")
 
-    monkeypatch.setattr(evaluate_module, "load_causal_lm", no_weights)
+    monkeypatch.setattr(evaluate_module, "load_placed", no_weights)
     out = tmp_path / "eval"
     cases = [
         ({"student": str(other_tokenizer_student)}, tiny_data, "student"),

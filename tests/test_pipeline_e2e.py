@@ -27,6 +27,7 @@ SMALL = {
     "seq_len": 128,
     "lm_eval_tasks": "python_stdlib_cloze",
     "lm_eval_limit": 16,
+    "selection_method": "best",  # E³ and SLEB, scored on held-back data (the e3 path: tests/test_local_run.py)
 }
 
 
@@ -113,6 +114,9 @@ def test_every_step_ran_and_wrote_its_outputs(pipeline_run):
                 assert Path(art.path).exists(), (task, name)
     search = task_artifacts(run_dir, "search-mask")
     assert len(search["search"].metadata["removed"]) == 6  # 25 % of 24 layers
+    found = json.loads((storage.input_dir(search["search"].metadata["uri"]) / "search.json").read_text())
+    scored = {c["source"]: c["held_back_kl"] for c in found["candidates"]}
+    assert set(scored) == {"e3", "sleb"} and found["chosen_from"].endswith(min(scored, key=scored.get))
     assert "data:image/png;base64," in Path(search["plot"].path).read_text()
     report = Path(task_artifacts(run_dir, "evaluate")["report"].path).read_text()
     assert "perplexity" in report.lower()
@@ -242,6 +246,9 @@ def test_an_invalid_parameter_is_rejected_by_the_first_step(tmp_path, capfd, mon
     with pytest.raises(RuntimeError, match="detect-release"):
         e3_pruner_pipeline(remove_ratio=1.5, storage_prefix=str(tmp_path / "storage"))
     assert "remove_ratio: must be in (0, 1), got 1.5" in capfd.readouterr().out
-    (run_dir,) = (tmp_path / "kfp").iterdir()
-    assert [p.name for p in run_dir.iterdir()] == ["detect-release"]
+    with pytest.raises(RuntimeError, match="detect-release"):
+        e3_pruner_pipeline(selection_method="greedy", storage_prefix=str(tmp_path / "storage"))
+    assert "selection_method: Input should be 'e3', 'best', 'sleb', 'block_influence'" in capfd.readouterr().out
+    for run_dir in (tmp_path / "kfp").iterdir():
+        assert [p.name for p in run_dir.iterdir()] == ["detect-release"]
     assert not (tmp_path / "storage").exists()

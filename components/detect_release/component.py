@@ -30,6 +30,7 @@ def detect_release(
     top_k: int,
     teacher_batch_size: int,
     remove_ratio: float,
+    selection_method: str,
     search_budget_tokens: int,
     search_batch_size: int,
     search_learning_rate: float,
@@ -92,6 +93,7 @@ def detect_release(
         top_k: Teacher logits cached per token (K; the paper's K = 10).
         teacher_batch_size: Sequences per teacher forward.
         remove_ratio: Fraction of decoder layers to remove, in (0, 1); rounded to whole layers.
+        selection_method: e3 (the Gumbel-TopK search), best (E³ or SLEB, whichever has the lower KL on held-back data) or a baseline: sleb, block_influence, angular, kl_oneshot, last, random.
         search_budget_tokens: Tokens the Gumbel-TopK search trains on (steps × batch × seq_len).
         search_batch_size: Sequences per search step.
         search_learning_rate: Learning rate of the keep-logits θ.
@@ -153,6 +155,7 @@ def detect_release(
             top_k=top_k,
             teacher_batch_size=teacher_batch_size,
             remove_ratio=remove_ratio,
+            selection_method=selection_method,
             search_budget_tokens=search_budget_tokens,
             search_batch_size=search_batch_size,
             search_learning_rate=search_learning_rate,
