@@ -28,18 +28,23 @@ if TYPE_CHECKING:
 
 CALIBRATION_SEQUENCES = 16  # what SLEB and the other baselines read of the search split (benchmarks/selection.py)
 BEST_OF = ("e3", "sleb")
+TRAJECTORY = "trajectory.jsonl"
 
 
 def choose_layers(cfg: SearchConfig) -> dict[str, Any]:
     """The step for ``selection_method`` other than ``e3``: returns and writes ``search.json``."""
     started = time.time()
+    trajectory = None  # E³'s θ per step, kept beside the result when E³ ran (best)
     if cfg.selection_method == "best":
         result = _best(cfg)
+        trajectory = storage.read_file(f"{cfg.output}.e3", TRAJECTORY, field="output")
     else:
         result = _baseline(cfg, cfg.selection_method, cfg.output)
     result["search_seconds"] = round(time.time() - started, 2)
     with storage.output_dir(cfg.output, cfg.overwrite) as out:
         (out / "search.json").write_text(json.dumps(result, indent=1) + "\n")
+        if trajectory is not None:
+            (out / TRAJECTORY).write_bytes(trajectory)
     return result
 
 

@@ -158,6 +158,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from e3prune.plan import PlanConfig, plan, render
+
+    result = plan(config_from_flags(PlanConfig, args))
+    print(json.dumps(result, indent=2) if args.json else render(result), end="\n" if args.json else "")
+    return 0
+
+
 def cmd_harden(args: argparse.Namespace) -> int:
     from e3prune.harden import HardenConfig, harden_checkpoint
 
@@ -395,6 +403,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None, help="model directory (default: the shipped reference model)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
+
+    from e3prune.plan import PlanConfig
+
+    p = sub.add_parser(
+        "plan", help="memory per GPU, GPUs or nodes and estimated time of every step, from config.json alone"
+    )
+    p.add_argument("model", help="a model directory with config.json, or a config.json file (no weights are read)")
+    add_config_flags(p, PlanConfig, skip=("model",))
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plan)
 
     from e3prune.harden import HardenConfig
 
