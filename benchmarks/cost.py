@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from e3prune.model_io import load_causal_lm
 from e3prune.data import SampleConfig, SourceSpec, sample_data
 from e3prune.losses import topk_kl
 from e3prune.masking import gated_layers
+from e3prune.model_io import load_causal_lm
 from e3prune.reference import MODEL_DIR
 from e3prune.search import gumbel_topk_mask, sample_gumbel
 from e3prune.teacher import TeacherLogitsConfig, teacher_logits, topk_logits

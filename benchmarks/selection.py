@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from e3prune.model_io import load_causal_lm
 from e3prune.data import SampleConfig, SourceSpec, load_split, sample_data
 from e3prune.masking import masked_view
+from e3prune.model_io import load_causal_lm
 from e3prune.reference import MODEL_DIR
 from e3prune.search import SearchConfig, search_mask
 from e3prune.selection import SELECTORS, Calibration, masked_loss, n_remove_for

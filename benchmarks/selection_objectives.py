@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from e3prune.model_io import load_causal_lm
 from e3prune.data import load_split
+from e3prune.model_io import load_causal_lm
 from e3prune.reference import MODEL_DIR
 from e3prune.search import SearchConfig, search_mask
 from e3prune.selection import Calibration, masked_loss

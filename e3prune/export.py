@@ -20,10 +20,10 @@ from typing import Any
 from pydantic import Field
 
 from e3prune import storage
-from e3prune.model_io import load_config, model_dir
 from e3prune.config import StepConfig
 from e3prune.errors import E3PruneError
 from e3prune.harden import PRUNING_FILE
+from e3prune.model_io import load_config, model_dir
 
 log = logging.getLogger(__name__)
 

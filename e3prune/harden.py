@@ -26,12 +26,12 @@ from torch import nn
 
 from e3prune import __version__, storage
 from e3prune.adapters import get_adapter
-from e3prune.model_io import DTYPES, load_config, load_tokenizer
 from e3prune.config import StepConfig
 from e3prune.errors import E3PruneError
 from e3prune.masking import keep_from_removed, masked_view, validate_keep
-from e3prune.threads import follow_cpu_quota
+from e3prune.model_io import DTYPES, load_config, load_tokenizer
 from e3prune.placement import Device, check_device, dispatch_kept_layers, input_device, load_placed, undispatch
+from e3prune.threads import follow_cpu_quota
 
 log = logging.getLogger(__name__)
 PRUNING_FILE = "pruning.json"

@@ -30,10 +30,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from e3prune import storage
-from e3prune.model_io import load_config, load_tokenizer, model_dir
 from e3prune.config import PipelineParameter, StepConfig
 from e3prune.data import load_split, read_manifest, tokenizer_fingerprint
 from e3prune.errors import E3PruneError
+from e3prune.model_io import load_config, load_tokenizer, model_dir
 from e3prune.placement import DEVICE_HELP, Device, check_device, load_placed
 from e3prune.reference import default_model
 from e3prune.threads import follow_cpu_quota

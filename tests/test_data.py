@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from e3prune import cli
-from e3prune.model_io import load_tokenizer
 from e3prune.data import SampleConfig, load_split, read_manifest, sample_data, tokenizer_fingerprint
 from e3prune.data_sources import builtin_corpus
 from e3prune.errors import E3PruneError
+from e3prune.model_io import load_tokenizer
 
 DOC_ID = re.compile(r"doc(\d{5})(?!\d)")  # every test document starts with its 5-digit id
 

@@ -16,8 +16,8 @@ from e3prune.data import SampleConfig, SourceSpec, sample_data
 from e3prune.distill import DistillConfig
 from e3prune.distill_inputs import check_distill_inputs
 from e3prune.errors import E3PruneError
-from e3prune.run_config import RunConfig
 from e3prune.model_io import load_config
+from e3prune.run_config import RunConfig
 from e3prune.search import SearchConfig, check_search_inputs
 from e3prune.teacher import TeacherLogitsConfig, TeacherTopK, teacher_fingerprint, teacher_logits
 

@@ -24,8 +24,6 @@ from kfp import dsl
 from kfp.dsl import pipeline_channel
 
 from e3prune.run_config import RunConfig
-from e3prune_pipelines.e3_pruner.cluster import CPU, GPU, STEPS, Cluster, configure
-
 from e3prune_components.detect_release.component import detect_release
 from e3prune_components.distill.component import distill
 from e3prune_components.evaluate.component import evaluate
@@ -36,6 +34,7 @@ from e3prune_components.register.component import register
 from e3prune_components.sample_data.component import sample_data
 from e3prune_components.search_mask.component import search_mask
 from e3prune_components.teacher_logits.component import teacher_logits
+from e3prune_pipelines.e3_pruner.cluster import CPU, GPU, STEPS, Cluster, configure
 
 PIPELINE_NAME = "e3-pruner"
 GPU_PIPELINE_NAME = "e3-pruner-gpu"
