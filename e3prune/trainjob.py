@@ -69,6 +69,22 @@ _POD_IDENTITY = frozenset(
         "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
     }
 )
+# On GPU nodes the job trains as `accelerate launch --config_file configs/accelerate/fsdp_gpu.yaml`
+# would: the runtime starts plain torchrun, so the settings that launcher passes as environment
+# variables are passed here (the Accelerator reads them; tests/test_trainjob.py checks they match
+# the file). Without them every GPU would hold the whole student and its AdamW states (DDP).
+FSDP_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_RESHARD_AFTER_FORWARD": "true",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
+    "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",
+    "FSDP_SYNC_MODULE_STATES": "true",  # accelerate requires it with cpu_ram_efficient_loading
+    "FSDP_OFFLOAD_PARAMS": "false",
+    "FSDP_ACTIVATION_CHECKPOINTING": "false",
+    "ACCELERATE_MIXED_PRECISION": "bf16",
+}
 # The training function prints one line with this prefix when distill refuses its input, so the
 # step reports the same field and message as a local run.
 ERROR_MARKER = "E3PRUNE_TRAINJOB_ERROR "
@@ -420,6 +436,8 @@ def _trainer(client, params, image, nodes, resources, name, digest, cfg, log):
         env, secret = dict(os.environ), []
     else:
         env, secret = forwarded_env(os.environ)
+        if _gpus(resources):
+            env.update(FSDP_ENV)
     trainer = CustomTrainer(
         func=distill_on_trainjob,
         func_args=params,
@@ -434,14 +452,21 @@ def _trainer(client, params, image, nodes, resources, name, digest, cfg, log):
             Labels({"app.kubernetes.io/part-of": "e3-pruner", "app.kubernetes.io/component": "distill"}),
             Annotations({OUTPUT_ANNOTATION: str(cfg.output), CONFIG_ANNOTATION: digest}),
         ]
-        patch = _runtime_patch(secret, gpus=bool(resources and any("gpu" in k.lower() for k in resources)))
+        patch = _runtime_patch(secret, gpus=_gpus(resources))
         if patch is not None:
             options.append(patch)
         log(
-            f"training pods get {', '.join(sorted(env)) or 'no variables'} by value"
+            f"training pods get {', '.join(sorted(set(env) - set(FSDP_ENV))) or 'no variables'} by value"
             + (f" and {', '.join(secret)} from Secret {CREDENTIALS_SECRET}" if secret else "")
+            + (", and train with FSDP over every GPU of the job" if _gpus(resources) else "")
         )
     return trainer, options
+
+
+def _gpus(resources: dict | None) -> bool:
+    return bool(resources) and any(
+        k.lower() in ("gpu", "nvidia.com/gpu") and str(v) != "0" for k, v in resources.items()
+    )
 
 
 def _runtime_patch(secret_names: list[str], *, gpus: bool):

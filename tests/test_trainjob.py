@@ -427,8 +427,10 @@ def test_submits_a_valid_trainjob_streams_its_log_and_returns_the_summary(kube, 
     assert t["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": 8, "cpu": 32, "memory": "900Gi"}
     assert t["resourcesPerNode"]["requests"] == t["resourcesPerNode"]["limits"]
     # plain settings by value; secrets by reference to the pipeline's Secret; the step's IRSA paths not at all
-    assert {e["name"] for e in t["env"]} == {"AWS_ENDPOINT_URL", "AWS_REGION", "AWS_CONFIG_FILE",
-                                              "AWS_SHARED_CREDENTIALS_FILE", "MLFLOW_TRACKING_URI"}  # fmt: skip
+    env = {e["name"]: e["value"] for e in t["env"]}
+    assert set(env) - set(trainjob.FSDP_ENV) == {"AWS_ENDPOINT_URL", "AWS_REGION", "AWS_CONFIG_FILE",
+                                                 "AWS_SHARED_CREDENTIALS_FILE", "MLFLOW_TRACKING_URI"}  # fmt: skip
+    assert {k: env[k] for k in trainjob.FSDP_ENV} == trainjob.FSDP_ENV  # GPUs: FSDP, as fsdp_gpu.yaml
     container = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     assert container["name"] == "node"
     pod = container["template"]["spec"]["template"]["spec"]
@@ -483,6 +485,21 @@ def test_the_contract_check_can_fail():
     bad_name["metadata"]["name"] = "9-starts-with-a-digit"
     with pytest.raises(AssertionError):
         check_trainjob(bad_name)
+
+
+def test_fsdp_settings_are_those_of_the_shipped_accelerate_config():
+    """The environment ``accelerate launch --config_file configs/accelerate/fsdp_gpu.yaml`` gives
+    its processes (accelerate's own translation) is what the TrainJob's GPU nodes get."""
+    import yaml
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    config = REPO / "configs/accelerate/fsdp_gpu.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(config), "train.py"])
+    args, defaults, mp_from_config = _validate_launch_command(args)
+    env = prepare_multi_gpu_env(args)
+    assert yaml.safe_load(config.read_text())["distributed_type"] == "FSDP"
+    assert {k: env[k] for k in trainjob.FSDP_ENV} == trainjob.FSDP_ENV
 
 
 def test_job_names_are_deterministic_labels():
