@@ -171,8 +171,7 @@ def check_trainer_available(client=None, *, runtime: str = RUNTIME) -> None:
                 f"no TrainingRuntime {runtime!r} in namespace {backend.namespace!r} and no ClusterTrainingRuntime "
                 f"{runtime!r}: install Kubeflow Trainer's runtimes (kubectl get clustertrainingruntimes)"
             ) from None
-        detail = _status(cause) if isinstance(cause, ApiException) else f"{exc}: {cause}"
-        raise _unavailable(f"cannot read the training runtime {runtime!r}: {detail}") from None
+        raise _unavailable(f"cannot read the training runtime {runtime!r}: {_cause(exc)}") from None
     command = " ".join(found_runtime.trainer.command or ())
     if "torchrun" not in command:
         raise _unavailable(
@@ -218,7 +217,10 @@ def run_distill_trainjob(
         job = _reuse_or_clear(client, job, digest, cfg, log)
     if job is None:
         trainer, options = _trainer(client, params, image, nodes, resources, name, digest, cfg, log)
-        client.train(runtime=runtime, trainer=trainer, options=options)
+        try:
+            client.train(runtime=runtime, trainer=trainer, options=options)
+        except (RuntimeError, TimeoutError) as exc:  # e.g. 403 (RBAC) or 422 (the Trainer's webhook refused it)
+            raise _unavailable(f"the TrainJob {name} could not be created: {_cause(exc)}") from None
         log(
             f"submitted TrainJob {name}: {nodes} node(s) × "
             f"{processes or 'one process per GPU'}, image {image}, runtime {runtime}"
@@ -233,7 +235,8 @@ def run_distill_trainjob(
     try:
         return json.loads(storage.read_file(cfg.output, _summary_file(), field="output"))
     except E3PruneError as exc:
-        raise E3PruneError(f"TrainJob {name} completed but its output is not readable: {exc}", field="output") from None
+        why = str(exc).removeprefix("output: ")
+        raise E3PruneError(f"TrainJob {name} completed but its output is not readable: {why}", field="output") from None
 
 
 def job_name(output: str) -> str:
@@ -294,6 +297,14 @@ def _status(exc) -> str:
         pass
     hint = " (the step's service account needs the Role in docs/operations.md)" if exc.status in (401, 403) else ""
     return f"HTTP {exc.status} {reason}{hint}"
+
+
+def _cause(exc: BaseException) -> str:
+    """What the API server said, behind the SDK's own RuntimeError."""
+    from kubernetes.client.exceptions import ApiException
+
+    cause = exc.__cause__
+    return _status(cause) if isinstance(cause, ApiException) else f"{exc}" + (f": {cause}" if cause else "")
 
 
 def _is_local(client) -> bool:
@@ -381,10 +392,10 @@ def _existing_job(client, name: str):
         return client.get_job(name)
     except ValueError:
         return None
-    except RuntimeError as exc:
+    except (RuntimeError, TimeoutError) as exc:
         if isinstance(exc.__cause__, ApiException) and exc.__cause__.status == 404:
             return None
-        raise
+        raise _unavailable(f"cannot read the TrainJob {name}: {_cause(exc)}") from None
 
 
 def _reuse_or_clear(client, job, digest: str, cfg, log):
@@ -404,7 +415,10 @@ def _reuse_or_clear(client, job, digest: str, cfg, log):
         return job
     log(f"TrainJob {name} of an earlier attempt ended {job.status}; deleting it and submitting again (resumes from "
         f"the checkpoints at {cfg.checkpoint_location()})")  # fmt: skip
-    client.delete_job(name)
+    try:
+        client.delete_job(name)
+    except (RuntimeError, TimeoutError) as exc:
+        raise _unavailable(f"cannot delete the ended TrainJob {name}: {_cause(exc)}") from None
     deadline = time.monotonic() + DELETE_TIMEOUT_SECONDS
     while _existing_job(client, name) is not None:  # a deleted job lingers while its pods stop
         if time.monotonic() > deadline:
@@ -510,6 +524,7 @@ def _follow(client, name: str, log) -> tuple[Any, list[str]]:
     streamed_pod = None
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
     terminal = {COMPLETE, FAILED}
+    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
     while True:
         try:
             job = client.wait_for_job_status(
@@ -517,7 +532,7 @@ def _follow(client, name: str, log) -> tuple[Any, list[str]]:
             )
         except TimeoutError:
             raise E3PruneError(
-                f"TrainJob {name} did not start or end within {START_TIMEOUT_SECONDS} s (kubectl describe trainjob {name})",
+                f"TrainJob {name} did not start within {START_TIMEOUT_SECONDS} s (kubectl describe trainjob {name})",
                 field="distill_nodes",
             ) from None
         # node 0's pod on Kubernetes; the local-process backend's one step is "train"
@@ -526,13 +541,22 @@ def _follow(client, name: str, log) -> tuple[Any, list[str]]:
             return job, list(tail)
         if pod is not None and pod != streamed_pod:
             streamed_pod = pod
-            for chunk in client.get_job_logs(name, follow=True):
-                for line in str(chunk).splitlines():
-                    tail.append(line)
-                    log(line)
+            try:
+                for chunk in client.get_job_logs(name, follow=True):
+                    for line in str(chunk).splitlines():
+                        tail.append(line)
+                        log(line)
+            except RuntimeError as exc:  # the pod went away mid-stream; its status says the rest
+                log(f"the log of {pod} ended early ({exc}); waiting for TrainJob {name}")
             continue
         if job.status in terminal:
             return job, list(tail)
+        if time.monotonic() > deadline:
+            raise E3PruneError(
+                f"TrainJob {name} still runs after {RUN_TIMEOUT_SECONDS} s; the step stops following it "
+                f"(it keeps running: kubectl logs -f {pod}; kubectl delete trainjob {name} to stop it)",
+                field="distill_nodes",
+            )
         time.sleep(POLL_SECONDS)
 
 

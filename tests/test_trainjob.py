@@ -173,6 +173,7 @@ class FakeKube:
         self.jobs: dict[str, dict] = {}
         self.pods: dict[str, list[dict]] = {}
         self.logs: dict[str, str] = {}
+        self.refuse: dict[tuple[str, str], tuple[int, str]] = {}  # (method, path regex) -> (status, message)
         self.on_create = lambda name: None
         self.on_log_end = lambda pod: None
         self.lock = threading.RLock()
@@ -243,6 +244,9 @@ class FakeKube:
     # routing
     def handle(self, method: str, path: str, query: dict[str, str], body: bytes) -> tuple[int, dict | str]:
         segs = path.strip("/").split("/")
+        for (m, pattern), (code, message) in self.refuse.items():
+            if m == method and re.fullmatch(pattern, path):
+                return code, _status(code, "Forbidden" if code == 403 else "Invalid", message)
         if path.endswith("/configmaps/kubeflow-trainer-public"):
             return 200, {"apiVersion": "v1", "kind": "ConfigMap", "data": {"kubeflow_trainer_version": "v2.3.0"}}
         if path == API:
@@ -728,6 +732,28 @@ def test_an_unreachable_api_server():
     with pytest.raises(E3PruneError, match="is unreachable") as info:
         trainjob.check_trainer_available(client)
     assert info.value.field == "distill_nodes"
+
+
+def test_rbac_refusal_names_the_missing_rights(kube):
+    kube.refuse[("GET", rf"{API}/namespaces/[^/]+/trainingruntimes/[^/]+")] = (
+        403,
+        'trainingruntimes.trainer.kubeflow.org "torch-distributed" is forbidden: User '
+        '"system:serviceaccount:kubeflow-user-example-com:default-editor" cannot get resource "trainingruntimes"',
+    )
+    with pytest.raises(E3PruneError) as info:
+        trainjob.check_trainer_available(client_for(kube))
+    assert info.value.field == "distill_nodes"
+    assert "cannot read the training runtime 'torch-distributed': HTTP 403" in str(info.value)
+    assert "cannot get resource" in str(info.value) and "needs the Role in docs/operations.md" in str(info.value)
+
+
+def test_a_trainjob_the_webhook_refuses_fails_with_its_message(kube, s3):
+    message = 'TrainJob.trainer.kubeflow.org "x" is invalid: spec.runtimePatches: Forbidden: unsupported field'
+    kube.refuse[("POST", rf"{API}/namespaces/[^/]+/trainjobs")] = (422, message)
+    with pytest.raises(E3PruneError) as info:
+        trainjob.run_distill_trainjob(s3_cfg(s3), image=IMAGE, log=lambda s: None, client=client_for(kube), nodes=2)
+    assert info.value.field == "distill_nodes"
+    assert f"could not be created: HTTP 422 {message}" in str(info.value)
 
 
 def test_a_complete_trainer_passes(kube):
