@@ -183,17 +183,16 @@ def teacher_logits(cfg: TeacherLogitsConfig) -> dict:
     """The step: one teacher pass over each split (or this task's files of it); writes shards and a manifest.
 
     With ``shards`` > 1 the output is a part (kind ``teacher_cache_part``) to be joined with
-    :func:`join_teacher_cache`; a task whose slice is empty in every split writes an empty part
-    without loading the teacher.
+    :func:`join_teacher_cache`. A split with fewer files than tasks leaves some tasks an empty
+    slice of it (recorded as no files); :func:`check_shards` keeps every task at least one file of
+    the largest split.
     """
     follow_cpu_quota()
     data_manifest = check_cache_inputs(cfg)
     totals = {split: data_manifest["splits"][split]["sequences"] for split in cfg.splits}
     files = {split: task_files(n, cfg.shard_sequences, cfg.shards, cfg.shard_index) for split, n in totals.items()}
     config = load_config(cfg.model)
-    model, device = None, None
-    if any(files.values()):
-        model, device = load_placed(cfg.model, cfg.device, None if cfg.dtype == "auto" else cfg.dtype)
+    model, device = load_placed(cfg.model, cfg.device, None if cfg.dtype == "auto" else cfg.dtype)
     splits: dict[str, dict] = {}
     part: dict[str, dict] = {}
     started = time.time()
