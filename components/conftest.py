@@ -63,9 +63,8 @@ class Chain:
 
     def teacher(self) -> dict:
         if "teacher" not in self.done:
-            from e3prune_components.teacher_logits.component import teacher_logits
-
             from e3prune_components.join_teacher_cache.component import join_teacher_cache
+            from e3prune_components.teacher_logits.component import teacher_logits
 
             part = self.art("Dataset", "cache")
             teacher_logits.python_func(

@@ -221,7 +221,11 @@ class RunSettings(StepConfig):
     def _check_teacher_shards(self, teacher: TeacherLogitsConfig) -> None:
         """``teacher_shards`` at most the cache files of the largest split the teacher reads (split tokens //
         seq_len sequences, ``teacher_shard_sequences`` a file): a task beyond that would compute nothing."""
-        tokens = {"search": self.search_split_tokens, "distill": self.distill_split_tokens, "eval": self.eval_split_tokens}
+        tokens = {
+            "search": self.search_split_tokens,
+            "distill": self.distill_split_tokens,
+            "eval": self.eval_split_tokens,
+        }
         sequences = {split: tokens[split] // self.seq_len for split in teacher.splits}
         check_shards(teacher.shards, sequences, teacher.shard_sequences, "teacher_shards", "teacher_shard_sequences")
 

@@ -165,7 +165,11 @@ def topk_logits(model, input_ids: torch.Tensor, k: int) -> dict[str, torch.Tenso
 
 
 def check_shards(
-    shards: int, split_sequences: dict[str, int], shard_sequences: int, field: str = "shards", size_field: str = "shard_sequences"
+    shards: int,
+    split_sequences: dict[str, int],
+    shard_sequences: int,
+    field: str = "shards",
+    size_field: str = "shard_sequences",
 ) -> None:
     """More tasks than the largest split has cache files would leave a task with nothing to compute."""
     most = max(cache_files(n, shard_sequences) for n in split_sequences.values())
@@ -334,7 +338,12 @@ def join_teacher_cache(parts: list[str], output: str, overwrite: bool = False, c
                 else:
                     shutil.copyfile(located, out / key)
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    log.info("joined %d parts into %s (%s)", len(parts), output, ", ".join(f"{s}: {v['sequences']} sequences" for s, v in splits.items()))
+    log.info(
+        "joined %d parts into %s (%s)",
+        len(parts),
+        output,
+        ", ".join(f"{s}: {v['sequences']} sequences" for s, v in splits.items()),
+    )
     return manifest
 
 
@@ -342,6 +351,8 @@ def _check_parts(parts: list[str], manifests: list[dict]) -> None:
     """The parts are one pass's N tasks, in order, covering every file of every split once."""
     first, count = manifests[0], len(manifests)
     for uri, m in zip(parts, manifests, strict=True):
+        if "joined" in m:
+            raise E3PruneError(f"{uri} is a joined cache already; give the parts it was joined from", field="parts")
         if "part" not in m or any("shard_details" not in e for e in m["splits"].values()):
             raise E3PruneError(
                 f"{uri} is a teacher cache written before passes could fan out; build it again with "
@@ -391,9 +402,7 @@ def _check_parts(parts: list[str], manifests: list[dict]) -> None:
             expected += len(m["splits"][split]["shards"])
         total = first["part"]["splits"][split]["total_files"]
         if expected != total:
-            raise E3PruneError(
-                f"the parts hold {expected} of the {total} files of the {split!r} split", field="parts"
-            )
+            raise E3PruneError(f"the parts hold {expected} of the {total} files of the {split!r} split", field="parts")
 
 
 def _part_file(part: str, rel: str, detail: dict, marker: dict | None) -> str:
@@ -428,7 +437,9 @@ class TeacherTopK:
         self.seq_len: int = self.manifest["seq_len"]
         streamable = all("shard_details" in e for e in self.manifest["splits"].values())
         # Keys of a cache on S3 resolve below its prefix; of a local one (or an old, downloaded one) below root.
-        self.root: Path | None = None if storage.is_s3(uri) and streamable else storage.input_dir(uri, field="teacher_cache")
+        self.root: Path | None = (
+            None if storage.is_s3(uri) and streamable else storage.input_dir(uri, field="teacher_cache")
+        )
         refs = [r for e in self.manifest["splits"].values() for r in e["shards"]]
         self._remote = streamable and any(self._is_remote(r) for r in refs)
         self._local_shards: ShardCache | None = None

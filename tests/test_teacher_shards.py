@@ -167,6 +167,8 @@ def test_the_join_refuses_parts_that_are_not_one_whole_pass(tiny, data, referenc
     next((gone / "search").glob("*.safetensors")).unlink()
     _refused([parts[0], parts[1], str(gone)], tmp_path / "o7", "missing")
     _refused([], tmp_path / "o8", "no parts")
+    join_teacher_cache(parts, str(tmp_path / "joined"))
+    _refused([str(tmp_path / "joined")], tmp_path / "o9", "a joined cache already")
 
 
 def test_a_joined_cache_whose_parts_were_removed_is_refused_when_opened(tiny, data, tmp_path):
@@ -179,7 +181,12 @@ def test_a_joined_cache_whose_parts_were_removed_is_refused_when_opened(tiny, da
 
 
 def test_teacher_shards_beyond_what_the_splits_can_use_fails_in_the_first_step():
-    small = {"seq_len": 128, "search_split_tokens": 128 * 40, "distill_split_tokens": 128 * 100, "teacher_shard_sequences": 16}
+    small = {
+        "seq_len": 128,
+        "search_split_tokens": 128 * 40,
+        "distill_split_tokens": 128 * 100,
+        "teacher_shard_sequences": 16,
+    }
     RunConfig.parse(**small, teacher_shards=7).check()  # distill: 100 sequences, 7 files of 16
     with pytest.raises(E3PruneError) as err:
         RunConfig.parse(**small, teacher_shards=8).check()
@@ -257,14 +264,14 @@ def test_a_shard_changed_on_s3_is_refused_not_used(s3, whole):
     with pytest.raises(E3PruneError) as err:
         reader.batch("search", 3 * FILE, 2)
     message = str(err.value)
-    assert err.value.field == "teacher_cache" and "shard-00003" in message and "changed after it was published" in message
+    assert (
+        err.value.field == "teacher_cache" and "shard-00003" in message and "changed after it was published" in message
+    )
     assert [p.name for p in reader._local_shards.directory.iterdir()] == [reader.local_files()[0].name]
     assert first["input_ids"].equal(reader.batch("search", 0, 1)["input_ids"])  # the good file still reads
 
 
-def test_a_joined_cache_of_parts_under_different_s3_prefixes_streams_equal_to_one_task(
-    s3, tiny, data, whole, tmp_path
-):
+def test_a_joined_cache_of_parts_under_different_s3_prefixes_streams_equal_to_one_task(s3, tiny, data, whole, tmp_path):
     outputs = {0: s3.uri("pods/a/teacher"), 1: s3.uri("elsewhere/b/teacher")}
     parts = run_tasks(tiny, data, tmp_path, 2, outputs=outputs)
     joined = join_teacher_cache(parts, s3.uri("joined"))
@@ -278,6 +285,18 @@ def test_a_joined_cache_of_parts_under_different_s3_prefixes_streams_equal_to_on
     # A local join of the same S3 parts reads the same way.
     join_teacher_cache(parts, str(tmp_path / "j"))
     assert_reads_equal(TeacherTopK(str(tmp_path / "j"), max_local_shards=2), TeacherTopK(str(whole)))
+
+
+def test_an_s3_cache_whose_manifest_lists_no_file_details_is_downloaded_whole_as_before(s3, whole, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(whole, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for entry in manifest["splits"].values():
+        del entry["shard_details"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    reader = TeacherTopK(upload(s3, old, "old"), max_local_shards=1)
+    assert reader.local_files() == [] and (reader.root / "search" / "shard-00009.safetensors").is_file()
+    assert_reads_equal(reader, TeacherTopK(str(whole)))
 
 
 def test_the_local_shard_bound_is_checked(monkeypatch, s3, whole):
@@ -342,7 +361,9 @@ def test_the_pipeline_fans_the_teacher_out_over_2_tasks_and_its_cache_equals_a_1
     (data,) = Path(run["storage_prefix"]).glob("work/sample_data/*")
     params = RunConfig.parse(PIPELINE_SMALL).teacher_params()
     one = tmp_path / "one"
-    teacher_logits(TeacherLogitsConfig.parse({**params, "model": str(reference_dir), "data": str(data), "output": str(one)}))
+    teacher_logits(
+        TeacherLogitsConfig.parse({**params, "model": str(reference_dir), "data": str(data), "output": str(one)})
+    )
     reference = json.loads((one / "manifest.json").read_text())
     for split in SPLITS:
         refs = joined["splits"][split]["shards"]

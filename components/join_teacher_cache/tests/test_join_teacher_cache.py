@@ -27,6 +27,8 @@ def test_without_a_storage_prefix_the_parts_are_copied_into_the_artifact(chain, 
     join_teacher_cache.python_func(parts=[part], storage_prefix="", cache=joined)
     assert joined.metadata["uri"] == joined.path
     manifest = json.loads((Path(joined.path) / "manifest.json").read_text())
-    assert manifest["joined"]["copied"] and all(not Path(r).is_absolute() for r in manifest["splits"]["search"]["shards"])
+    assert manifest["joined"]["copied"] and all(
+        not Path(r).is_absolute() for r in manifest["splits"]["search"]["shards"]
+    )
     a, b = TeacherTopK(part.metadata["uri"]).load("search"), TeacherTopK(joined.path).load("search")
     assert all(a[k].equal(b[k]) for k in a)
