@@ -299,13 +299,14 @@ def join_teacher_cache(parts: list[str], output: str, overwrite: bool = False, c
             field="parts",
         )
     first = manifests[0]
+    # An S3 part's marker lists each file's size and sha256 as uploaded: read once a part.
+    markers = [storage.read_marker(uri, field="parts") if storage.is_s3(uri) else None for uri in parts]
     splits: dict[str, dict] = {}
     sources: dict[str, tuple[str, dict]] = {}  # key in the joined cache -> (the part's file, its size and sha256)
     for split in first["splits"]:
         refs, details, seconds = [], [], 0.0
-        for uri, m in zip(parts, manifests, strict=True):
+        for uri, m, marker in zip(parts, manifests, markers, strict=True):
             entry = m["splits"][split]
-            marker = storage.read_marker(uri, field="parts") if storage.is_s3(uri) else None
             for rel, detail in zip(entry["shards"], entry["shard_details"], strict=True):
                 located = _part_file(uri, rel, detail, marker)
                 key = rel if copy_files else located
