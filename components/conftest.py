@@ -63,14 +63,17 @@ class Chain:
 
     def teacher(self) -> dict:
         if "teacher" not in self.done:
+            from e3prune_components.join_teacher_cache.component import join_teacher_cache
             from e3prune_components.teacher_logits.component import teacher_logits
 
-            out = {"cache": self.art("Dataset", "cache")}
+            part = self.art("Dataset", "cache")
             teacher_logits.python_func(
                 source_model=SOURCE, source_revision=self.revision(), data=self.sample()["data"],
-                storage_prefix=self.prefix, params=step_params()["teacher"], **out,
+                storage_prefix=self.prefix, params=step_params()["teacher"], shard_index=0, cache=part,
             )  # fmt: skip
-            self.done["teacher"] = out
+            joined = self.art("Dataset", "joined")
+            join_teacher_cache.python_func(parts=[part], storage_prefix=self.prefix, cache=joined)
+            self.done["teacher"] = {"part": part, "cache": joined}  # the pipeline's one task of teacher_shards = 1
         return self.done["teacher"]
 
     def search(self) -> dict:

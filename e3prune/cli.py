@@ -73,6 +73,16 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_join_teacher_cache(args: argparse.Namespace) -> int:
+    from e3prune.teacher import join_teacher_cache
+
+    manifest = join_teacher_cache(args.parts, args.output, overwrite=args.overwrite, copy_files=args.copy_files)
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['sequences']:,} sequences in {len(info['shards'])} files")
+    print(f"joined {len(args.parts)} parts into {args.output}")
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from e3prune.search import SearchConfig, search_mask
 
@@ -431,6 +441,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("teacher-logits", help="cache the teacher's top-K logits over the sampled splits")
     add_config_flags(p, TeacherLogitsConfig)
     p.set_defaults(func=cmd_teacher_logits)
+    p = sub.add_parser(
+        "join-teacher-cache", help="one teacher cache from the parts of a pass that fanned out (--shards N)"
+    )
+    p.add_argument("parts", nargs="+", help="the parts' outputs (directories or s3:// URIs), tasks 0..N-1 in order")
+    p.add_argument("--output", required=True, help="where the joined manifest goes (directory or s3:// URI)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--copy-files", action="store_true", help="copy the parts' files below the output instead of referencing them"
+    )
+    p.set_defaults(func=cmd_join_teacher_cache)
     p = sub.add_parser("search", help="Gumbel-TopK search for the layers to remove (E³, weights frozen)")
     add_config_flags(p, SearchConfig)
     p.set_defaults(func=cmd_search)

@@ -36,6 +36,11 @@ class Detection:
     pending_gate_version: str = ""  # existing_version when its gate never ran (no decision tag), else ""
 
     @property
+    def teacher_shard_ids(self) -> list[int]:
+        """The teacher tasks the pipeline fans out over (``dsl.ParallelFor``): 0 .. teacher_shards - 1."""
+        return list(range(self.steps["teacher"]["shards"]))
+
+    @property
     def action(self) -> str:
         """``compress``, ``gate`` (the gate of ``pending_gate_version`` alone) or ``skip``."""
         return "compress" if self.is_new else "gate" if self.pending_gate_version else "skip"

@@ -34,7 +34,7 @@ from e3prune.errors import E3PruneError
 from e3prune.evaluate import EvaluateConfig
 from e3prune.gate import PromoteConfig
 from e3prune.search import SearchConfig
-from e3prune.teacher import TeacherLogitsConfig
+from e3prune.teacher import TeacherLogitsConfig, check_shards
 from e3prune.tracking import check_tracking_uri
 
 # MLflow's registry accepts most characters; we keep names safe for S3 keys and URLs too.
@@ -209,13 +209,25 @@ class RunSettings(StepConfig):
         sources.source_kind(self.source_model)
         p = PLACEHOLDER
         _validated(SampleConfig, self.sample_params(), tokenizer=p, output=p)
-        _validated(TeacherLogitsConfig, self.teacher_params(), model=p, data=p, output=p)
+        teacher = _validated(TeacherLogitsConfig, self.teacher_params(), model=p, data=p, output=p)
+        self._check_teacher_shards(teacher)
         _validated(SearchConfig, self.search_params(), model=p, teacher_cache=p, output=p)
         _validated(DistillConfig, self.distill_params(), student=p, teacher_cache=p, output=p)
         _validated(EvaluateConfig, self.evaluate_params(), teacher=p, pruned=p, student=p, data=p, output=p)
         _validated(PromoteConfig, self.gate_params(), model_name=self.registered_model_name)
         if self.tasks():
             check_lm_eval_tasks(self.tasks())
+
+    def _check_teacher_shards(self, teacher: TeacherLogitsConfig) -> None:
+        """``teacher_shards`` at most the cache files of the largest split the teacher reads (split tokens //
+        seq_len sequences, ``teacher_shard_sequences`` a file): a task beyond that would compute nothing."""
+        tokens = {
+            "search": self.search_split_tokens,
+            "distill": self.distill_split_tokens,
+            "eval": self.eval_split_tokens,
+        }
+        sequences = {split: tokens[split] // self.seq_len for split in teacher.splits}
+        check_shards(teacher.shards, sequences, teacher.shard_sequences, "teacher_shards", "teacher_shard_sequences")
 
 
 # The step field a run-level parameter becomes, where the names differ (for error messages).

@@ -173,12 +173,26 @@ def read_json_manifest(uri: str, path: Path, field: str, hint: str) -> dict[str,
     """The JSON object at ``path`` (an output's manifest), or one error that says what to do (``hint``)."""
     if not path.is_file():
         raise E3PruneError(f"{uri} has no {path.name}: it is not what this step reads; {hint}", field=field)
+    return parse_json_manifest(uri, path.name, path.read_bytes(), field, hint)
+
+
+def read_manifest_only(uri: str, name: str, field: str, hint: str) -> dict[str, Any]:
+    """The manifest ``name`` of a complete output without downloading the rest (verified against the marker on S3)."""
+    if not is_s3(uri):
+        return read_json_manifest(uri, input_dir(uri, field) / name, field, hint)
+    if name not in read_marker(uri, field):
+        raise E3PruneError(f"{uri} has no {name}: it is not what this step reads; {hint}", field=field)
+    return parse_json_manifest(uri, name, read_file(uri, name, field), field, hint)
+
+
+def parse_json_manifest(uri: str, name: str, text: bytes, field: str, hint: str) -> dict[str, Any]:
+    """The JSON object in ``text`` (the manifest ``name`` of ``uri``), or one error that says what to do."""
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(text)
     except ValueError as exc:
-        raise E3PruneError(f"{uri}/{path.name} is not valid JSON ({exc}); {hint}", field=field) from None
+        raise E3PruneError(f"{uri}/{name} is not valid JSON ({exc}); {hint}", field=field) from None
     if not isinstance(manifest, dict):
-        raise E3PruneError(f"{uri}/{path.name} is not a manifest (not a JSON object); {hint}", field=field)
+        raise E3PruneError(f"{uri}/{name} is not a manifest (not a JSON object); {hint}", field=field)
     return manifest
 
 
@@ -339,6 +353,36 @@ def read_file(uri: str, rel: str, field: str = "data") -> bytes:
     if len(body) != marker[rel]["size"] or hashlib.sha256(body).hexdigest() != marker[rel]["sha256"]:
         raise E3PruneError(f"{uri}/{rel} does not match {MARKER}: it changed after it was published", field=field)
     return body
+
+
+def download_verified(uri: str, target: Path, expected: dict[str, Any], field: str = "data") -> Path:
+    """One object ``s3://bucket/key`` into ``target``, checked against ``expected`` (``{"size", "sha256"}``).
+
+    The bytes land in a hidden sibling first and are renamed to ``target`` only once their size and
+    sha256 match, so ``target`` never holds an unverified or partial file. A mismatch (an object
+    changed or replaced after it was published) is an error and leaves nothing behind.
+    """
+    bucket, _, key = str(uri)[len("s3://") :].partition("/")
+    if not bucket or not key:
+        raise E3PruneError(f"{uri!r} is not an s3://bucket/key object URI", field=field)
+    check_relative_key(key, uri, field)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with _s3_errors(uri, field, "download"):
+            _client().download_file(bucket, key, str(partial), Config=_transfer_config())
+        got = file_digest(partial)
+        if got != {"size": expected["size"], "sha256": expected["sha256"]}:
+            raise E3PruneError(
+                f"{uri} does not match what its writer recorded (size {got['size']} vs {expected['size']}, sha256 "
+                f"{got['sha256'][:12]}… vs {expected['sha256'][:12]}…): the object changed after it was published; "
+                "re-run the step that wrote it",
+                field=field,
+            )
+        partial.rename(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 def _read_marker(client, bucket: str, prefix: str, uri: str, field: str) -> dict[str, dict[str, Any]]:

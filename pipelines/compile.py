@@ -22,6 +22,7 @@ COMPONENTS = (
     "detect_release",
     "sample_data",
     "teacher_logits",
+    "join_teacher_cache",
     "search_mask",
     "harden_mask",
     "distill",

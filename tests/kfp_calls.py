@@ -18,12 +18,12 @@ def call_detect_release(tmp_path: Path, **params) -> SimpleNamespace:
 
     from e3prune.run_config import RunConfig
     from e3prune_components.detect_release.component import detect_release
-    from e3prune_components.detect_release.generate import STEP_OUTPUTS, TEXT_OUTPUTS
+    from e3prune_components.detect_release.generate import LIST_OUTPUTS, STEP_OUTPUTS, TEXT_OUTPUTS
 
     d = tmp_path / f"detect-{uuid.uuid4().hex[:8]}"
     d.mkdir(parents=True)
     steps = [f"{s}_params" for s in STEP_OUTPUTS]
-    paths = {name: str(d / name) for name in (*TEXT_OUTPUTS, *steps)}
+    paths = {name: str(d / name) for name in (*TEXT_OUTPUTS, *LIST_OUTPUTS, *steps)}
     action = detect_release.python_func(
         **{**RunConfig().model_dump(), **params},
         run_config=dsl.Artifact(name="run_config", uri=str(d / "run_config.json"), metadata={}),
@@ -42,4 +42,5 @@ def call_detect_release(tmp_path: Path, **params) -> SimpleNamespace:
         plan=(d / "plan.md").read_text(),
         run_config=d / "run_config.json",
         params=params,
+        teacher_shard_ids=json.loads(values["teacher_shard_ids"]),
     )

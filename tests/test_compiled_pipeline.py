@@ -62,17 +62,44 @@ def _branch(spec: dict, name: str, display: str, action: str) -> dict:
 
 
 def _tasks() -> dict:
+    """Every step of a compressing run by name: the loop of the teacher's fan-out is replaced by its task."""
     spec = _spec()
     tasks = {"detect-release": spec["root"]["dag"]["tasks"]["detect-release"]}
-    tasks.update(_branch(spec, "condition-1", "new-release", "compress"))
+    for name, task in _branch(spec, "condition-1", "new-release", "compress").items():
+        if "parameterIterator" in task:
+            tasks.update(spec["components"][task["componentRef"]["name"]]["dag"]["tasks"])
+        else:
+            tasks[name] = task
     return tasks
+
+
+def test_the_teacher_fans_out_over_detect_release_shard_ids_and_the_join_collects_the_parts():
+    spec = _spec()
+    compress = _branch(spec, "condition-1", "new-release", "compress")
+    (loop_name,) = [n for n, t in compress.items() if "parameterIterator" in t]
+    loop = compress[loop_name]
+    assert loop["taskInfo"]["name"] == "teacher-shards"
+    items = loop["parameterIterator"]["items"]["inputParameter"]
+    assert items == "pipelinechannel--detect-release-teacher_shard_ids"
+    assert loop["inputs"]["parameters"][items]["componentInputParameter"] == items
+    inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(inner) == {"teacher-logits"}
+    index = inner["teacher-logits"]["inputs"]["parameters"]["shard_index"]["componentInputParameter"]
+    assert index == loop["parameterIterator"]["itemInput"]
+    join = compress["join-teacher-cache"]
+    parts = join["inputs"]["artifacts"]["parts"]["taskOutputArtifact"]
+    assert parts == {"outputArtifactKey": "pipelinechannel--teacher-logits-cache", "producerTask": loop_name}
+    for step in ("search-mask", "distill"):  # every later step reads the joined cache
+        cache = compress[step]["inputs"]["artifacts"]["teacher_cache"]["taskOutputArtifact"]
+        assert cache == {"outputArtifactKey": "cache", "producerTask": "join-teacher-cache"}, step
 
 
 def test_only_a_new_release_runs_the_compression_and_a_pending_gate_runs_alone():
     spec = _spec()
-    assert set(spec["root"]["dag"]["tasks"]) == {"detect-release", "condition-1", "condition-2"}
+    # KFP numbers conditions and loops in one sequence: the teacher's loop (inside condition-1) is 2.
+    assert set(spec["root"]["dag"]["tasks"]) == {"detect-release", "condition-1", "condition-3"}
     assert set(_tasks()) == STEPS
-    (gate,) = _branch(spec, "condition-2", "pending-gate", "gate").values()
+    (gate,) = _branch(spec, "condition-3", "pending-gate", "gate").values()
     assert gate["taskInfo"]["name"] == "promote" and not gate["cachingOptions"].get("enableCache")
     version = gate["inputs"]["parameters"]["version"]["componentInputParameter"]
     assert version == "pipelinechannel--detect-release-pending_gate_version"

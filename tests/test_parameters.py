@@ -89,10 +89,13 @@ def test_no_component_has_defaults_of_its_own():
 
 @pytest.mark.parametrize("step", STEP_OUTPUTS)
 def test_each_step_gets_exactly_its_parameters_from_detect_release(step):
-    comp = _pipeline_spec()["components"]["comp-condition-1"]["dag"]["tasks"]  # the steps inside dsl.If
+    components = _pipeline_spec()["components"]
+    # The steps inside dsl.If, and inside the loops nested in it (the teacher's ParallelFor: comp-for-loop-N).
+    dags = [c["dag"]["tasks"] for name, c in components.items() if name.startswith(("comp-condition-1", "comp-for-loop"))]
     consumers = [
         (task, spec["inputs"]["parameters"]["params"])
-        for task, spec in comp.items()
+        for tasks in dags
+        for task, spec in tasks.items()
         if "params" in spec.get("inputs", {}).get("parameters", {})
     ]
     sources = {task: p["componentInputParameter"] for task, p in consumers}

@@ -31,11 +31,22 @@ SMALL = {
 }
 
 
+def task_dirs(run_dir: Path) -> dict[str, list[Path]]:
+    """Each task of a local run and its directories: one, or one per iteration of a ParallelFor
+    (kfp.local writes ``for-loop-N-iteration-i/<task>/``: the teacher's fan-out)."""
+    found: dict[str, list[Path]] = {}
+    for path in sorted(run_dir.iterdir()):
+        inner = sorted(p for p in path.iterdir() if p.is_dir()) if "-iteration-" in path.name else [path]
+        for d in inner:
+            found.setdefault(d.name, []).append(d)
+    return found
+
+
 def task_artifacts(run_dir: Path, task: str) -> dict:
-    """The output artifacts of one task of a local run, as KFP's executor wrote them."""
+    """The output artifacts of one task of a local run (its first iteration in a loop), as KFP's executor wrote them."""
     from kfp import dsl
 
-    out = json.loads((run_dir / task / "executor_output.json").read_text())
+    out = json.loads((task_dirs(run_dir)[task][0] / "executor_output.json").read_text())
     classes = {
         "system.Model": dsl.Model,
         "system.Dataset": dsl.Dataset,
@@ -99,7 +110,7 @@ def test_every_step_ran_and_wrote_its_outputs(pipeline_run):
     from e3prune import storage
 
     run_dir = pipeline_run["run_dir"]
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted(STEPS)
+    assert sorted(task_dirs(run_dir)) == sorted(STEPS)
     for task in STEPS:
         arts = task_artifacts(run_dir, task)
         assert arts, f"{task} wrote no artifacts"

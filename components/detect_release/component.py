@@ -29,6 +29,8 @@ def detect_release(
     allow_repeat: bool,
     top_k: int,
     teacher_batch_size: int,
+    teacher_shard_sequences: int,
+    teacher_shards: int,
     remove_ratio: float,
     selection_method: str,
     search_budget_tokens: int,
@@ -52,6 +54,7 @@ def detect_release(
     source_revision_resolved: dsl.OutputPath(str),
     existing_version: dsl.OutputPath(str),
     pending_gate_version: dsl.OutputPath(str),
+    teacher_shard_ids: dsl.OutputPath(list),
     sample_params: dsl.OutputPath(dict),
     teacher_params: dsl.OutputPath(dict),
     search_params: dsl.OutputPath(dict),
@@ -92,6 +95,8 @@ def detect_release(
         allow_repeat: Let the sampler cycle a split's own documents when the sources are smaller than the budgets.
         top_k: Teacher logits cached per token (K; the paper's K = 10).
         teacher_batch_size: Sequences per teacher forward.
+        teacher_shard_sequences: Sequences per cache file: the unit a teacher task computes and a reader of an s3:// cache fetches (its local disk holds E3PRUNE_TEACHER_CACHE_SHARDS of them).
+        teacher_shards: Teacher tasks (pods) the pass fans out over, each computing whole cache files of every split; at most the cache files of the largest split.
         remove_ratio: Fraction of decoder layers to remove, in (0, 1); rounded to whole layers.
         selection_method: e3 (the Gumbel-TopK search), best (E³ or SLEB, whichever has the lower KL on held-back data) or a baseline: sleb, block_influence, angular, kl_oneshot, last, random.
         search_budget_tokens: Tokens the Gumbel-TopK search trains on (steps × batch × seq_len).
@@ -115,6 +120,7 @@ def detect_release(
         source_revision_resolved: Its immutable revision.
         existing_version: The registered version that holds this release already, or empty.
         pending_gate_version: That version when its promotion gate never ran, or empty.
+        teacher_shard_ids: The teacher tasks to fan out over: 0 .. teacher_shards - 1.
         sample_params: The validated parameters of the sample step.
         teacher_params: The validated parameters of the teacher step.
         search_params: The validated parameters of the search step.
@@ -154,6 +160,8 @@ def detect_release(
             allow_repeat=allow_repeat,
             top_k=top_k,
             teacher_batch_size=teacher_batch_size,
+            teacher_shard_sequences=teacher_shard_sequences,
+            teacher_shards=teacher_shards,
             remove_ratio=remove_ratio,
             selection_method=selection_method,
             search_budget_tokens=search_budget_tokens,
@@ -183,6 +191,7 @@ def detect_release(
     print(found.plan)
     texts = {source_uri: found.release.uri, source_revision_resolved: found.release.revision,
              existing_version: found.existing_version, pending_gate_version: found.pending_gate_version}  # fmt: skip
+    texts[teacher_shard_ids] = json.dumps(found.teacher_shard_ids)  # what the teacher step fans out over
     steps = {sample_params: "sample", teacher_params: "teacher", search_params: "search", distill_params: "distill", evaluate_params: "evaluate", gate_params: "gate"}
     for path, value in [*texts.items(), *((p, json.dumps(found.steps[s])) for p, s in steps.items())]:
         with open(path, "w") as fh:

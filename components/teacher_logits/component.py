@@ -13,13 +13,15 @@ def teacher_logits(
     data: Input[Dataset],
     storage_prefix: str,
     params: dict,
+    shard_index: int,
     cache: Output[Dataset],
 ):
-    """Runs the teacher once over the search and distill splits and caches its top-K logits.
+    """Runs the teacher once over its share of the search and distill splits and caches its top-K logits.
 
     Per token it stores the K largest logits (bf16), their ids (int32) and the full log-sum-exp
     (fp32): about 64 bytes a token at K = 10. The search and distillation read this cache, so
-    the teacher is never loaded again.
+    the teacher is never loaded again. The pipeline runs teacher_shards of these side by side,
+    task shard_index computing whole cache files of every split; join_teacher_cache joins them.
 
     Args:
         source_model: The teacher (same forms as the pipeline parameter).
@@ -27,7 +29,8 @@ def teacher_logits(
         data: Output of sample_data.
         storage_prefix: Where the cache goes (s3://bucket/prefix or a directory); empty: into the artifact.
         params: The teacher step's parameters, validated by detect_release (teacher_params).
-        cache: The top-K cache (metadata uri points at it).
+        shard_index: Which of the teacher_shards tasks this is (0-based).
+        cache: This task's part of the top-K cache (metadata uri points at it).
     """
     import json
     import logging
@@ -38,11 +41,17 @@ def teacher_logits(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model = sources.fetch(source_model, source_revision)
-    inputs = {"source": source_model, "revision": source_revision, "data": input_uri(data), "params": params}
+    inputs = {
+        "source": source_model, "revision": source_revision, "data": input_uri(data), "params": params,
+        "shard_index": shard_index,
+    }  # fmt: skip
     out = work_uri(storage_prefix, "teacher_logits", cache.path, inputs)
     if reusable(out):
         manifest = json.loads(storage.read_file(out, "manifest.json", field="cache"))
     else:
-        paths = {"model": str(model), "data": input_uri(data), "output": out, "overwrite": True}
+        paths = {"model": str(model), "data": input_uri(data), "output": out, "overwrite": True, "shard_index": shard_index}
         manifest = teacher_logits(TeacherLogitsConfig.parse({**params, **paths}))
-    cache.metadata.update({URI_KEY: out, "top_k": manifest["top_k"], "bytes_per_token": manifest["bytes_per_token"]["logits"]})
+    cache.metadata.update(
+        {URI_KEY: out, "top_k": manifest["top_k"], "bytes_per_token": manifest["bytes_per_token"]["logits"],
+         "part": manifest["part"]["index"], "parts": manifest["part"]["count"]}
+    )  # fmt: skip

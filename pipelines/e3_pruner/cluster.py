@@ -33,6 +33,7 @@ CPU_RESOURCES: dict[str, dict[str, str]] = {
     "detect-release": {"cpu_request": "500m", "memory_request": "2Gi", "memory_limit": "4Gi"},
     "sample-data": {"cpu_request": "2", "memory_request": "4Gi", "memory_limit": "16Gi"},
     "teacher-logits": {"cpu_request": "4", "memory_request": "8Gi", "memory_limit": "32Gi"},
+    "join-teacher-cache": {"cpu_request": "500m", "memory_request": "1Gi", "memory_limit": "4Gi"},
     "search-mask": {"cpu_request": "4", "memory_request": "8Gi", "memory_limit": "32Gi"},
     "harden-mask": {"cpu_request": "2", "memory_request": "8Gi", "memory_limit": "32Gi"},
     "distill": {"cpu_request": "4", "memory_request": "8Gi", "memory_limit": "32Gi"},

@@ -1,4 +1,4 @@
-"""The e3-pruner pipeline: source model → sampled data → teacher top-K cache → mask search →
+"""The e3-pruner pipeline: source model → sampled data → teacher top-K cache (fanned out, joined) → mask search →
 hardened checkpoint → distillation → evaluation → export → MLflow registration.
 
 Compile with ``e3prune compile`` (or ``python -m e3prune_pipelines.e3_pruner.pipeline``); the
@@ -29,6 +29,7 @@ from e3prune_components.distill.component import distill
 from e3prune_components.evaluate.component import evaluate
 from e3prune_components.export.component import export
 from e3prune_components.harden_mask.component import harden_mask
+from e3prune_components.join_teacher_cache.component import join_teacher_cache
 from e3prune_components.promote.component import promote
 from e3prune_components.register.component import register
 from e3prune_components.sample_data.component import sample_data
@@ -58,8 +59,7 @@ def _compress(release: dsl.PipelineTask, run: RunChannels, cluster: Cluster) -> 
     step = {name: release.outputs[f"{name}_params"] for name in ("sample", "teacher", "search", "distill", "evaluate")}
     model = {"source_model": source, "source_revision": revision, "storage_prefix": run.storage_prefix}
     data = configure(sample_data(**model, params=step["sample"]), "sample-data", cluster)
-    teacher = teacher_logits(**model, data=data.outputs["data"], params=step["teacher"])
-    cache = configure(teacher, "teacher-logits", cluster)
+    cache = _teacher_cache(release, data, model, step["teacher"], cluster)
     searched = search_mask(**model, teacher_cache=cache.outputs["cache"], params=step["search"])
     search = configure(searched, "search-mask", cluster)
     pruned = configure(harden_mask(**model, search=search.outputs["search"]), "harden-mask", cluster)
@@ -79,6 +79,21 @@ def _compress(release: dsl.PipelineTask, run: RunChannels, cluster: Cluster) -> 
     )
     configure(evaluation, "evaluate", cluster)
     _publish(release, search, student, evaluation, run, cluster)
+
+
+def _teacher_cache(release, data, model: dict, params, cluster: Cluster) -> dsl.PipelineTask:
+    """The teacher pass fanned out over teacher_shards tasks, joined into the one cache later steps read.
+
+    The task ids are an output of detect-release (``teacher_shard_ids``): the parameter's value is
+    known only at run time, and ParallelFor over a task's output list is what both Kubeflow and
+    kfp.local expand then. dsl.Collected hands the join the parts as one list of artifacts (in
+    kfp.local in loop order; the join orders them by the part index each task recorded).
+    """
+    with dsl.ParallelFor(release.outputs["teacher_shard_ids"], name="teacher-shards") as shard:
+        part = teacher_logits(**model, data=data.outputs["data"], params=params, shard_index=shard)
+        configure(part, "teacher-logits", cluster)
+    joined = join_teacher_cache(parts=dsl.Collected(part.outputs["cache"]), storage_prefix=model["storage_prefix"])
+    return configure(joined, "join-teacher-cache", cluster)
 
 
 def _publish(release, search, student, evaluation, run: RunChannels, cluster: Cluster) -> None:
