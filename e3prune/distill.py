@@ -136,6 +136,20 @@ class DistillConfig(StepConfig):
     log_every_steps: int = Field(10, ge=1, description="steps between log lines (metrics.jsonl gets every step)")
     seed: int = 0
     overwrite: bool = False
+    # Read by the launcher (e3prune.launch), not by distill(): each launched process is one of them.
+    processes: Annotated[int, PipelineParameter("distill_processes")] = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="training processes on each node: 0 = one per visible GPU (1 on a CPU-only pod); "
+        "N = N GPUs, or N gloo processes on CPU (at most the pod's CPUs)",
+    )
+    nodes: Annotated[int, PipelineParameter("distill_nodes")] = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="nodes to distill on; above 1 the step runs a Kubeflow Trainer TrainJob",
+    )
 
     def checkpoint_location(self) -> str:
         return self.checkpoint_dir or str(self.output).rstrip("/") + ".ckpt"
