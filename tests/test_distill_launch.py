@@ -4,6 +4,7 @@ refuses before any process starts or weight loads."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -215,3 +216,29 @@ def test_gpu_launch_is_fsdp_as_in_the_shipped_accelerate_config(tmp_path):
         accelerate_command(LaunchPlan(2, 1, 0, 1), tmp_path / "c.json", 1, "no")[3:]
     )
     assert cpu.multi_gpu and not cpu.use_fsdp and not cpu.cpu and cpu.num_cpu_threads_per_process == 1
+
+
+def test_sigterm_reaches_every_process_of_the_launch(tmp_path):
+    """SIGTERM to the launching process (Kubernetes stopping the pod, ``e3prune run`` stopping a step)
+    reaches a process the launch started in a session of its own, as torchrun starts its workers;
+    the launcher then exits with 128 + SIGTERM. A stand-in launch: no training needed to show it."""
+    worker = "import time; time.sleep(600)"
+    launch = (
+        "import subprocess, sys, time; "
+        f"p = subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True); "
+        "print('worker', p.pid, flush=True); time.sleep(600)"
+    )
+    script = (
+        "import os, sys; from e3prune.launch import run_streaming; "
+        f"run_streaming([sys.executable, '-c', {launch!r}], dict(os.environ), print)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    assert line.startswith("worker"), line
+    worker_process = psutil.Process(int(line.split()[1]))
+    assert worker_process.is_running() and worker_process.ppid() != proc.pid  # not a direct child
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    _, alive = psutil.wait_procs([worker_process], timeout=10)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]  # dead (a zombie if nobody reaps it)
