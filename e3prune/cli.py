@@ -441,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, EvaluateConfig)
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser(
-        "distill", help="entropy-aware top-K distillation of the hardened student (runs under accelerate)"
+        "distill",
+        help="entropy-aware top-K distillation of the hardened student (one process per GPU, or --processes N)",
     )
     add_config_flags(p, DistillConfig)
     p.set_defaults(func=cmd_distill)

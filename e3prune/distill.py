@@ -25,10 +25,12 @@ continues at the same step and data position. The checkpoint records the setting
 to; a rerun with other settings stops with an error instead of silently mixing two runs.
 
 Entry points:
-- :func:`distill` — the step as a library function (``callback`` receives every step's metrics
-  on the main process, e.g. to forward them to MLflow).
+- :func:`distill` — the step as a library function, in one of however many processes there are
+  (``callback`` receives every step's metrics on the main process, e.g. to forward them to MLflow).
+- :func:`e3prune.launch.launch_distill` — what the component and the CLI call: starts the
+  processes ``processes`` and ``nodes`` ask for (both ignored by :func:`distill` itself).
 - ``e3prune distill --student ... --teacher-cache ... --output ...`` (CLI flags generated from
-  :class:`DistillConfig`), also as ``accelerate launch -m e3prune.cli distill ...``.
+  :class:`DistillConfig`; through the launcher), also as ``accelerate launch -m e3prune.cli distill ...``.
 - ``python -m e3prune.distill --config cfg.json`` (also under ``accelerate launch -m``).
 - :func:`train_function` — for Kubeflow Trainer. The SDK ships the *source* of the function to
   the training pods and calls it with ``func_args`` as one positional dict, so the function

@@ -164,8 +164,6 @@ def launch_distill(cfg: DistillConfig, *, log: Log | None = None, image: str | N
 
 
 def _launch_trainjob(cfg: DistillConfig, image: str | None, say: Log) -> dict[str, Any]:
-    from e3prune import trainjob  # written beside this module; imported only when a run asks for nodes
-
     image = image or os.environ.get("E3PRUNE_IMAGE")
     if not image:
         raise E3PruneError(
@@ -174,6 +172,8 @@ def _launch_trainjob(cfg: DistillConfig, image: str | None, say: Log) -> dict[st
             field="distill_nodes",
         )
     check_global_batch(cfg, max(1, cfg.processes) * cfg.nodes, _split_sequences(cfg))
+    from e3prune import trainjob  # imported only when a run asks for nodes (it talks to the cluster)
+
     trainjob.check_trainer_available()
     return trainjob.run_distill_trainjob(cfg, image=image, log=say)
 
@@ -321,6 +321,9 @@ def _child_env(plan: LaunchPlan) -> dict[str, str]:
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(plan.threads)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"  # lines reach the step's log as they are written
+    # Through a pipe every redraw of the progress bar is a line of the log (10 a second by default);
+    # the main process logs its step metrics every log_every_steps anyway.
+    env.setdefault("TQDM_MININTERVAL", "30")
     return env
 
 
