@@ -204,13 +204,29 @@ def _launch_processes(cfg: DistillConfig, plan: LaunchPlan, say: Log) -> dict[st
         config_file = Path(tmp) / "distill.json"
         config_file.write_text(json.dumps(cfg.model_dump(mode="json")))
         command = accelerate_command(plan, config_file, _free_port(), mixed_precision)
-        code, tail = run_streaming(command, _child_env(plan), say)
+        code, tail, reported = run_streaming(command, _child_env(plan), say)
     if code != 0:
-        text = "\n".join(tail)
-        raise E3PruneError(
-            f"the {plan.processes} distillation processes failed with exit code {code}; the end of their output:\n{text}"
-        )
+        raise launch_failed(plan.processes, code, tail, reported)
     return json.loads(storage.read_file(cfg.output, SUMMARY_FILE, field="output"))
+
+
+def launch_failed(processes: int, code: int, tail: list[str], reported: list[str]) -> E3PruneError:
+    """The error of a launch that exited with ``code``: what the processes reported, then the end of the output.
+
+    A process stopped by an :class:`E3PruneError` prints ``error: <field>: <what to do>``
+    (``python -m e3prune.distill``; ``reported`` holds those lines); the first leads the message and
+    its field, when it is one of :class:`DistillConfig`'s, is the error's field. torchrun's own
+    report (a traceback ending in "ChildFailedError") fills the last lines of the output, so they
+    alone would not say what happened.
+    """
+    first = reported[0].removeprefix("error: ") if reported else None
+    field = first.split(": ", 1)[0] if first else None
+    lead = f": {first}" if first else ""
+    text = "\n".join(tail)
+    return E3PruneError(
+        f"the {processes} distillation processes failed with exit code {code}{lead}\nthe end of their output:\n{text}",
+        field=field if field in DistillConfig.model_fields else None,
+    )
 
 
 def accelerate_command(plan: LaunchPlan, config_file: Path, port: int, mixed_precision: str) -> list[str]:
@@ -237,8 +253,8 @@ def accelerate_command(plan: LaunchPlan, config_file: Path, port: int, mixed_pre
     return command + ["-m", "e3prune.distill", "--config", str(config_file), "--verbose"]
 
 
-def run_streaming(command: list[str], env: dict[str, str], say: Log) -> tuple[int, list[str]]:
-    """Run ``command``, pass each output line to ``say``; its exit code and last lines.
+def run_streaming(command: list[str], env: dict[str, str], say: Log) -> tuple[int, list[str], list[str]]:
+    """Run ``command``, pass each output line to ``say``; its exit code, last lines and ``error:`` lines.
 
     The child gets its own session; SIGTERM / SIGINT to this process are passed to every process
     under it (torchrun starts its workers in sessions of their own, so a process group would miss
@@ -250,6 +266,7 @@ def run_streaming(command: list[str], env: dict[str, str], say: Log) -> tuple[in
         start_new_session=True, preexec_fn=_die_with_parent,
     )  # fmt: skip
     tail: deque[str] = deque(maxlen=TAIL_LINES)
+    reported: list[str] = []  # the processes' own errors (e3prune.distill prints "error: ...")
     stopped: list[int] = []
     try:
         with _forward_signals(proc, stopped):
@@ -257,6 +274,8 @@ def run_streaming(command: list[str], env: dict[str, str], say: Log) -> tuple[in
             for line in proc.stdout:
                 line = line.rstrip("\n")
                 tail.append(line)
+                if line.startswith("error: ") and len(reported) < 10:
+                    reported.append(line)
                 say(line)
             code = proc.wait()
     finally:
@@ -265,7 +284,7 @@ def run_streaming(command: list[str], env: dict[str, str], say: Log) -> tuple[in
             proc.wait()
     if stopped:
         raise SystemExit(128 + stopped[0])
-    return code, list(tail)
+    return code, list(tail), reported
 
 
 @contextmanager

@@ -242,3 +242,22 @@ def test_sigterm_reaches_every_process_of_the_launch(tmp_path):
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     _, alive = psutil.wait_procs([worker_process], timeout=10)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]  # dead (a zombie if nobody reaps it)
+
+
+@pytest.mark.slow
+def test_a_failing_launch_is_one_error_with_the_end_of_its_output(tiny_student, tmp_path, tiny_cache):  # noqa: F811
+    """A student whose weights cannot be read passes every check made before weights load; the two
+    processes then fail, and the step's error has their exit code and the processes' own message."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in Path(tiny_student).iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    lines: list[str] = []
+    with pytest.raises(E3PruneError) as err:
+        launch_distill(_cfg(broken, tiny_cache, tmp_path / "out", processes=2, **TRAIN), log=lines.append)
+    message = str(err.value)
+    assert err.value.field == "student", message  # the processes' own error leads, with its field
+    assert message.startswith("student: the 2 distillation processes failed with exit code 1: student: "), message
+    assert message.splitlines()[-1] == lines[-1] and "ChildFailedError" in message  # then torchrun's report
+    assert not (tmp_path / "out").exists()
