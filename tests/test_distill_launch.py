@@ -218,15 +218,14 @@ def test_gpu_launch_is_fsdp_as_in_the_shipped_accelerate_config(tmp_path):
     assert cpu.multi_gpu and not cpu.use_fsdp and not cpu.cpu and cpu.num_cpu_threads_per_process == 1
 
 
-def test_sigterm_reaches_every_process_of_the_launch(tmp_path):
-    """SIGTERM to the launching process (Kubernetes stopping the pod, ``e3prune run`` stopping a step)
-    reaches a process the launch started in a session of its own, as torchrun starts its workers;
-    the launcher then exits with 128 + SIGTERM. A stand-in launch: no training needed to show it."""
+def _stand_in_launch() -> tuple[subprocess.Popen, psutil.Process, psutil.Process]:
+    """``run_streaming`` in a process of its own, running a stand-in for accelerate launch that starts a
+    worker in a session of its own, as torchrun does: (the launcher, the launch, the worker)."""
     worker = "import time; time.sleep(600)"
     launch = (
-        "import subprocess, sys, time; "
+        "import os, subprocess, sys, time; "
         f"p = subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True); "
-        "print('worker', p.pid, flush=True); time.sleep(600)"
+        "print('launch', os.getpid(), 'worker', p.pid, flush=True); time.sleep(600)"
     )
     script = (
         "import os, sys; from e3prune.launch import run_streaming; "
@@ -234,14 +233,34 @@ def test_sigterm_reaches_every_process_of_the_launch(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
-    line = proc.stdout.readline()
-    assert line.startswith("worker"), line
-    worker_process = psutil.Process(int(line.split()[1]))
-    assert worker_process.is_running() and worker_process.ppid() != proc.pid  # not a direct child
+    words = proc.stdout.readline().split()
+    assert words[0] == "launch", words
+    launch_process, worker_process = psutil.Process(int(words[1])), psutil.Process(int(words[3]))
+    assert worker_process.ppid() == launch_process.pid and launch_process.ppid() == proc.pid
+    return proc, launch_process, worker_process
+
+
+def _gone(process: psutil.Process) -> bool:
+    _, alive = psutil.wait_procs([process], timeout=10)
+    return not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]  # a zombie if nobody reaps it
+
+
+def test_sigterm_reaches_every_process_of_the_launch():
+    """SIGTERM to the launching process (Kubernetes stopping the pod, ``e3prune run`` stopping a step)
+    reaches a process the launch started in a session of its own, as torchrun starts its workers;
+    the launcher then exits with 128 + SIGTERM. A stand-in launch: no training needed to show it.
+    A launcher killed outright (SIGKILL, no handler runs) still takes the launch with it: the kernel
+    sends it SIGTERM (accelerate's torchrun then stops its own workers)."""
+    proc, launch_process, worker_process = _stand_in_launch()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
-    _, alive = psutil.wait_procs([worker_process], timeout=10)
-    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]  # dead (a zombie if nobody reaps it)
+    assert _gone(launch_process) and _gone(worker_process)
+
+    proc, launch_process, worker_process = _stand_in_launch()
+    proc.kill()
+    proc.wait()
+    assert _gone(launch_process)
+    worker_process.kill()  # the stand-in forwards nothing to its worker; torchrun does
 
 
 @pytest.mark.slow
