@@ -125,9 +125,9 @@ def check_global_batch(cfg: DistillConfig, world: int, split_sequences: int) -> 
 
     Each optimizer step reads G = batch_size × grad_accumulation_steps × world consecutive
     sequences; with G above the split, one step would train on the same sequence more than once
-    (or, without ``allow_repeat``, could not be planned at all). One process is the step's own
-    business (its error names ``distill_tokens`` or ``distill_batch_size``); here only the
-    processes' share is refused.
+    (or, without ``allow_repeat``, could not be planned at all). A single process whose batch is
+    above the split runs as the step always ran it (``allow_repeat`` cycles; without it
+    ``plan_steps`` names ``distill_tokens``): only what the extra processes add is refused here.
     """
     per_process = cfg.batch_size * cfg.grad_accumulation_steps
     g = per_process * world
