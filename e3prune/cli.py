@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -103,12 +104,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
+    from e3prune.distill import DistillConfig
+    from e3prune.launch import launch_distill
 
-    from e3prune.distill import DistillConfig, distill
-
-    summary = distill(config_from_flags(DistillConfig, args))
-    if PartialState().is_main_process:  # under `accelerate launch` every process runs this
+    # --processes / --nodes start the processes (e3prune.launch); under `accelerate launch` this is one of them.
+    summary = launch_distill(config_from_flags(DistillConfig, args))
+    if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch` every process runs this
         final = summary["final"]
         print(
             f"{summary['steps']} steps, {summary['tokens']:,} tokens ({summary['loss']}), "
@@ -460,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, EvaluateConfig)
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser(
-        "distill", help="entropy-aware top-K distillation of the hardened student (runs under accelerate)"
+        "distill",
+        help="entropy-aware top-K distillation of the hardened student (one process per GPU, or --processes N)",
     )
     add_config_flags(p, DistillConfig)
     p.set_defaults(func=cmd_distill)

@@ -25,10 +25,12 @@ continues at the same step and data position. The checkpoint records the setting
 to; a rerun with other settings stops with an error instead of silently mixing two runs.
 
 Entry points:
-- :func:`distill` — the step as a library function (``callback`` receives every step's metrics
-  on the main process, e.g. to forward them to MLflow).
+- :func:`distill` — the step as a library function, in one of however many processes there are
+  (``callback`` receives every step's metrics on the main process, e.g. to forward them to MLflow).
+- :func:`e3prune.launch.launch_distill` — what the component and the CLI call: starts the
+  processes ``processes`` and ``nodes`` ask for (both ignored by :func:`distill` itself).
 - ``e3prune distill --student ... --teacher-cache ... --output ...`` (CLI flags generated from
-  :class:`DistillConfig`), also as ``accelerate launch -m e3prune.cli distill ...``.
+  :class:`DistillConfig`; through the launcher), also as ``accelerate launch -m e3prune.cli distill ...``.
 - ``python -m e3prune.distill --config cfg.json`` (also under ``accelerate launch -m``).
 - across nodes, as a Kubeflow Trainer TrainJob: :mod:`e3prune.trainjob` (its entry point
   ``distill_on_trainjob`` runs :func:`distill` on every rank under the runtime's torchrun; the
@@ -124,6 +126,20 @@ class DistillConfig(StepConfig):
     log_every_steps: int = Field(10, ge=1, description="steps between log lines (metrics.jsonl gets every step)")
     seed: int = 0
     overwrite: bool = False
+    # Read by the launcher (e3prune.launch), not by distill(): each launched process is one of them.
+    processes: Annotated[int, PipelineParameter("distill_processes")] = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="training processes on each node: 0 = one per visible GPU (1 on a CPU-only pod); "
+        "N = N GPUs, or N gloo processes on CPU (at most the pod's CPUs)",
+    )
+    nodes: Annotated[int, PipelineParameter("distill_nodes")] = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="nodes to distill on; above 1 the step runs a Kubeflow Trainer TrainJob",
+    )
 
     def checkpoint_location(self) -> str:
         return self.checkpoint_dir or str(self.output).rstrip("/") + ".ckpt"

@@ -28,7 +28,17 @@ if TYPE_CHECKING:
 
 SPLIT = "distill"
 # Settings that may change between a killed run and its rerun without changing what is trained.
-NOT_RESUME_RELEVANT = {"output", "overwrite", "checkpoint_dir", "checkpoint_every_steps", "log_every_steps"}
+# processes and nodes: the launch settings; the checkpoint records the process count it was written
+# by and a resume with another is refused (distill_training._resume), whatever the settings said.
+NOT_RESUME_RELEVANT = {
+    "output",
+    "overwrite",
+    "checkpoint_dir",
+    "checkpoint_every_steps",
+    "log_every_steps",
+    "processes",
+    "nodes",
+}
 
 
 @dataclass(frozen=True)

@@ -227,7 +227,8 @@ def cpu_quota(root: str | os.PathLike = "/", proc: str | os.PathLike = "/proc") 
 _exported: dict[str, str] = {}
 
 
-def _user_threads() -> int | None:
+def user_threads() -> int | None:
+    """``OMP_NUM_THREADS`` as the user set it (not as :func:`follow_cpu_quota` exported it), else None."""
     value = os.environ.get("OMP_NUM_THREADS", "").strip()
     if value and value == _exported.get("OMP_NUM_THREADS"):
         return None
@@ -254,7 +255,7 @@ def follow_cpu_quota(root: str | os.PathLike = "/", proc: str | os.PathLike = "/
         n = torch.get_num_threads()
         log.info("threads: %d (torch's default, %s=0; %s)", n, OPT_OUT_ENV, limits.describe())
         return n
-    if _user_threads() is not None:
+    if user_threads() is not None:
         n = torch.get_num_threads()
         log.info("threads: %d (OMP_NUM_THREADS=%s set by the user; %s)", n, os.environ["OMP_NUM_THREADS"], limits.describe())
         return n

@@ -189,8 +189,9 @@ def test_two_processes_train_like_one(tiny_student, tiny_cache, tmp_path):
     ]
     two = tmp_path / "two"
     cmd = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
+        sys.executable,  # not the `accelerate` script: a venv may have the package without its scripts
+        "-m",
+        "accelerate.commands.launch",
         "--multi_gpu",
         "--num_processes",
         "2",

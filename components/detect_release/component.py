@@ -44,6 +44,8 @@ def detect_release(
     distill_allow_repeat: bool,
     distill_batch_size: int,
     distill_learning_rate: float,
+    distill_processes: int,
+    distill_nodes: int,
     eval_batch_size: int,
     gate_max_perplexity_ratio: float,
     gate_min_speedup: float,
@@ -110,6 +112,8 @@ def detect_release(
         distill_allow_repeat: Cycle over the distill split when the budget is larger than it.
         distill_batch_size: Sequences per process per distillation micro-batch.
         distill_learning_rate: Peak AdamW learning rate of distillation.
+        distill_processes: Training processes on each node: 0 = one per visible GPU (1 on a CPU-only pod); N = N GPUs, or N gloo processes on CPU (at most the pod's CPUs).
+        distill_nodes: Nodes to distill on; above 1 the step runs a Kubeflow Trainer TrainJob.
         eval_batch_size: Sequences per evaluation forward; also lm-eval's batch size.
         gate_max_perplexity_ratio: Promotion gate: distilled/teacher perplexity at most this (metric student.perplexity_ratio).
         gate_min_speedup: Promotion gate: prefill speedup over the teacher at least this (metric speedup.prefill).
@@ -175,6 +179,8 @@ def detect_release(
             distill_allow_repeat=distill_allow_repeat,
             distill_batch_size=distill_batch_size,
             distill_learning_rate=distill_learning_rate,
+            distill_processes=distill_processes,
+            distill_nodes=distill_nodes,
             eval_batch_size=eval_batch_size,
             gate_max_perplexity_ratio=gate_max_perplexity_ratio,
             gate_min_speedup=gate_min_speedup,

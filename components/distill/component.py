@@ -20,8 +20,9 @@ def distill(
     Trains every weight of the student against the teacher's top-K distribution on the distill
     split: plain top-K KD by default, or the entropy-aware loss of E³-Pruner (distill_loss =
     entropy_kd). Checkpoints are kept at a location stable across retries of this task, so a
-    retried pod resumes instead of starting over. On several GPUs the same code runs under
-    accelerate (docs/operations.md).
+    retried pod resumes instead of starting over. distill_processes starts one training process
+    per GPU of the pod (accelerate, FSDP; 0 = all visible GPUs) or N gloo processes on CPU;
+    distill_nodes above 1 runs the training as a Kubeflow Trainer TrainJob (docs/operations.md).
 
     Args:
         model: Output of harden_mask.
@@ -35,7 +36,9 @@ def distill(
     import logging
 
     from e3prune import storage
-    from e3prune.distill import SUMMARY_FILE, DistillConfig, distill
+    from e3prune.distill import SUMMARY_FILE, DistillConfig
+    from e3prune.launch import launch_distill
+    from e3prune_components.image import IMAGE
     from e3prune_components.locations import URI_KEY, input_uri, reusable, work_uri
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -45,7 +48,9 @@ def distill(
     if reusable(out):
         summary = json.loads(storage.read_file(out, SUMMARY_FILE, field="distilled"))
     else:
-        summary = distill(DistillConfig.parse({**params, **inputs, "output": out, "overwrite": True}))
+        # IMAGE is this pod's image (the pipeline sets E3PRUNE_IMAGE on the task): a TrainJob's pods run it too.
+        cfg = DistillConfig.parse({**params, **inputs, "output": out, "overwrite": True})
+        summary = launch_distill(cfg, image=IMAGE)
     distilled.metadata.update({URI_KEY: out, "steps": summary["steps"], "tokens": summary["tokens"]})
     for key, value in (summary.get("final") or {}).items():
         if value is not None:

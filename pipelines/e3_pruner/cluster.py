@@ -119,6 +119,10 @@ def configure(task: dsl.PipelineTask, name: str, cluster: Cluster, cache: bool =
     kubernetes.use_config_map_as_env(task, ENV_CONFIG_MAP, CONFIG_KEYS, optional=True)
     if cluster.image:
         task.set_container_image(cluster.image)
+    if name == "distill":  # the step's own image, for the pods of a TrainJob (distill_nodes > 1)
+        from e3prune_components.image import IMAGE
+
+        task.set_env_variable("E3PRUNE_IMAGE", cluster.image or IMAGE)
     if name in cluster.gpus:
         _place_on_gpus(task, cluster, cluster.gpus[name])
     return task
