@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 from tiny_models import save_tiny_qwen3_with_reference_tokenizer
 
 from e3prune.data import SampleConfig, SourceSpec, sample_data
+from e3prune.distill import DistillConfig, distill
 from e3prune.errors import E3PruneError
 from e3prune.run_config import RunConfig
 from e3prune.teacher import TeacherLogitsConfig, TeacherTopK, join_teacher_cache, task_files, teacher_logits
@@ -340,13 +342,17 @@ def run_pipeline(output: Path, **params) -> dict:
 
 
 @pytest.mark.slow
-def test_the_pipeline_fans_the_teacher_out_over_2_tasks_and_its_cache_equals_a_1_task_cache(
+def test_the_pipeline_with_2_teacher_tasks_and_2_distill_processes_equals_1_task_and_1_process(
     tmp_path, monkeypatch, reference_dir
 ):
+    """Issue 11's acceptance run: the whole pipeline through kfp.local with ``teacher_shards=2`` and
+    ``distill_processes=2`` (gloo). Its joined cache is byte for byte the 1-task cache, and its
+    distilled model is the one a single process trains from the same student and cache at the same
+    global batch (2 processes × batch b = 1 process × batch b × 2 accumulation steps)."""
     for var in [v for v in os.environ if v.startswith(("AWS_", "MLFLOW_"))]:
         monkeypatch.delenv(var)
     monkeypatch.setenv("E3PRUNE_CACHE", str(tmp_path / "cache"))
-    run = run_pipeline(tmp_path / "run", teacher_shards=2)
+    run = run_pipeline(tmp_path / "run", teacher_shards=2, distill_processes=2)
     run_dir = Path(run["run_dir"])
     tasks = sorted(p.name for p in run_dir.iterdir())
     loops = [t for t in tasks if "-iteration-" in t]
@@ -371,4 +377,37 @@ def test_the_pipeline_fans_the_teacher_out_over_2_tasks_and_its_cache_equals_a_1
         for ref, rel in zip(refs, reference["splits"][split]["shards"], strict=True):
             assert Path(ref).read_bytes() == (one / rel).read_bytes(), ref
     assert_reads_equal(TeacherTopK(run["joined"]), TeacherTopK(str(one)))
-    print(f"kfp.local pipeline with teacher_shards=2: {run['wall_seconds']:.0f} s")
+
+    # The distilled model of the 2-process step against one process, same student, cache and global batch.
+    (student,) = Path(run["storage_prefix"]).glob("work/harden_mask/*")
+    (two,) = [p for p in Path(run["storage_prefix"]).glob("work/distill/*") if not p.name.endswith(".ckpt")]
+    summary = json.loads((two / "distillation.json").read_text())
+    assert summary["num_processes"] == 2, summary
+    dparams = RunConfig.parse({**PIPELINE_SMALL, "distill_processes": 2}).distill_params()
+    single = tmp_path / "one-process"
+    distill(
+        DistillConfig.parse(
+            {
+                **dparams,
+                "processes": 1,
+                "grad_accumulation_steps": 2,
+                "student": str(student),
+                "teacher_cache": run["joined"],
+                "output": str(single),
+            }
+        )
+    )
+    rows_two, rows_one = (
+        [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (two, single)
+    )
+    assert len(rows_two) == len(rows_one) >= 2
+    for a, b in zip(rows_two, rows_one, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
+    w_two, w_one = (load_file(str(d / "model.safetensors")) for d in (two, single))
+    assert w_two.keys() == w_one.keys()
+    worst = max((w_two[k].float() - w_one[k].float()).abs().max().item() for k in w_two)
+    assert worst <= 1e-3, worst
+    print(
+        f"kfp.local pipeline with teacher_shards=2, distill_processes=2: {run['wall_seconds']:.0f} s; "
+        f"max weight difference to 1 process {worst:.2e}"
+    )
