@@ -6,7 +6,9 @@ A family differs only in (docs/architecture.md, "Model families differ only in a
 - which config fields hold layer *indices* or counts (renumbered, e.g. ``mlp_only_layers``,
   ``max_window_layers``, ``decoder_sparse_step``);
 - how attention's ``layer_idx`` is numbered: every family here numbers it 0..L-1 by position,
-  which a fresh model built from the sliced config reproduces for the kept layers.
+  which a fresh model built from the sliced config reproduces for the kept layers;
+- which weights write a layer's MLP output into the residual stream (``mlp_out_paths``), where
+  the linear correction (docs/method.md, "Linear correction") folds its map.
 
 Adding a family is adding one entry to ``ADAPTERS`` and one case to the tests.
 """
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from e3prune.errors import E3PruneError
@@ -57,6 +60,12 @@ class ArchitectureAdapter:
     per_layer_fields: tuple[str, ...] = ()
     index_fields: Callable[[Any, Sequence[int]], dict[str, Any]] | None = None
     notes: str = ""
+    # Inside a decoder layer: the MLP, whose output M is added to the residual stream unchanged
+    # (h = Y + M), and the weights that write M, tried in order (a Qwen3-MoE layer is sparse or
+    # dense). ``mlp_out_paths = ()``: the family transforms M before the residual add (Gemma's
+    # post-feedforward RMSNorm), so no linear map of M folds into a weight.
+    mlp_path: str = "mlp"
+    mlp_out_paths: tuple[str, ...] = ("mlp.down_proj",)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The ``nn.ModuleList`` of decoder layers, in order."""
@@ -66,6 +75,34 @@ class ArchitectureAdapter:
         if not isinstance(obj, nn.ModuleList):
             raise E3PruneError(f"{type(model).__name__}.{self.layers_path} is not a ModuleList of decoder layers")
         return obj
+
+    def mlp_out_proj(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight (``(..., hidden, inner)``: an ``nn.Linear``'s, or a stack of experts') and bias
+        (``(hidden,)`` or None) that write ``layer``'s MLP output: M = Σ_e g_e · (a_e W_eᵀ + b), linear
+        in them, so M ↦ M T is W ↦ Tᵀ W, b ↦ Tᵀ b."""
+        if not self.mlp_out_paths:
+            raise E3PruneError(
+                f"{'/'.join(self.model_types)}: {self.notes or 'the MLP output is transformed before the residual add'}; "
+                "no linear correction can be folded into its MLP output projection",
+                field="linear_correction",
+            )
+        for path in self.mlp_out_paths:
+            try:
+                obj = layer.get_submodule(path)
+            except AttributeError:
+                try:  # a bare parameter (stacked experts) is not a submodule
+                    module_name, _, leaf = path.rpartition(".")
+                    obj = getattr(layer.get_submodule(module_name), leaf)
+                except AttributeError:
+                    continue
+            if isinstance(obj, nn.Linear):
+                return obj.weight, obj.bias
+            if isinstance(obj, nn.Parameter):
+                return obj, None
+        raise E3PruneError(
+            f"{type(layer).__name__} has none of {', '.join(self.mlp_out_paths)}; the adapter is wrong",
+            field="linear_correction",
+        )
 
     def layer_prefix(self, model: nn.Module) -> str:
         """State-dict key prefix of the layers, e.g. ``model.layers.`` for ``XForCausalLM``."""
@@ -93,15 +130,21 @@ class ArchitectureAdapter:
 
 
 _SLIDING = ("layer_types",)
+_GEMMA_POST_NORM = "the MLP output passes an RMSNorm (post_feedforward_layernorm) before the residual add"
 
 ADAPTERS: tuple[ArchitectureAdapter, ...] = (
     ArchitectureAdapter(("llama",), per_layer_fields=_SLIDING),
     ArchitectureAdapter(("mistral",), per_layer_fields=_SLIDING, notes="sliding_window is global"),
     ArchitectureAdapter(("qwen2",), per_layer_fields=_SLIDING, index_fields=_slice_max_window_layers),
     ArchitectureAdapter(("qwen3",), per_layer_fields=_SLIDING, index_fields=_slice_max_window_layers),
-    ArchitectureAdapter(("qwen3_moe",), per_layer_fields=_SLIDING, index_fields=_qwen3_moe_sparse_layers),
-    ArchitectureAdapter(("gemma2",), per_layer_fields=_SLIDING),
-    ArchitectureAdapter(("gemma3_text",), per_layer_fields=_SLIDING),
+    ArchitectureAdapter(
+        ("qwen3_moe",),
+        per_layer_fields=_SLIDING,
+        index_fields=_qwen3_moe_sparse_layers,
+        mlp_out_paths=("mlp.experts.down_proj", "mlp.down_proj"),  # sparse (stacked experts), dense
+    ),
+    ArchitectureAdapter(("gemma2",), per_layer_fields=_SLIDING, mlp_out_paths=(), notes=_GEMMA_POST_NORM),
+    ArchitectureAdapter(("gemma3_text",), per_layer_fields=_SLIDING, mlp_out_paths=(), notes=_GEMMA_POST_NORM),
     ArchitectureAdapter(("phi3",), per_layer_fields=_SLIDING),
 )
 _BY_TYPE = {t: a for a in ADAPTERS for t in a.model_types}

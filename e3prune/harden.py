@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -170,6 +170,24 @@ class HardenConfig(StepConfig):
     )
     overwrite: bool = False
     metadata: dict[str, Any] = Field(default_factory=dict, description="extra entries for pruning.json")
+    linear_correction: bool = Field(
+        False,
+        description="replace each removed run by a least-squares linear map folded into the preceding kept "
+        "layer's MLP output projection (docs/method.md, Linear correction); needs calibration_data",
+    )
+    calibration_data: str | None = Field(
+        None, description="sampled data or a teacher cache whose search split fits the linear correction"
+    )
+    calibration_tokens: int = Field(65_536, ge=1, description="search-split tokens the linear correction is fitted on")
+    calibration_batch_size: int = Field(8, ge=1, description="sequences per forward while fitting the correction")
+    linear_correction_ridge: float = Field(
+        1e-4, ge=0, description="ridge towards the identity map, relative to the mean of diag(MᵀM)"
+    )
+    linear_correction_inputs: Literal["pruned", "full"] = Field(
+        "pruned",
+        description="where layer i's residual and MLP output come from: the pruned model with the earlier "
+        "runs' maps in place (pruned), or the full model (full); the target is always the full model",
+    )
 
     @field_validator("dtype")
     @classmethod
@@ -182,6 +200,8 @@ class HardenConfig(StepConfig):
     def _one_selection(self) -> HardenConfig:
         if (self.keep_layers is None) == (self.remove_layers is None):
             raise ValueError("give exactly one of keep_layers or remove_layers")
+        if self.linear_correction and not self.calibration_data:
+            raise ValueError("linear_correction needs calibration_data (sampled data or a teacher cache)")
         return self
 
 
@@ -209,6 +229,34 @@ def resolve_keep(cfg: HardenConfig, num_layers: int) -> list[int]:
     return keep_from_removed(cfg.remove_layers or [], num_layers, field="remove_layers")
 
 
+def linear_correction_record(cfg: HardenConfig, source: nn.Module, keep: Sequence[int]) -> dict[str, Any]:
+    """Fit the linear correction on the calibration search split, fold it into ``source`` (in place)
+    and return what pruning.json records of it."""
+    from e3prune.linear_correction import apply_linear_correction, calibration_input_ids, fit_linear_correction
+
+    t0 = time.time()
+    ids = calibration_input_ids(cfg.calibration_data, cfg.calibration_tokens)
+    runs = fit_linear_correction(
+        source,
+        keep,
+        ids,
+        batch_size=cfg.calibration_batch_size,
+        ridge=cfg.linear_correction_ridge,
+        inputs=cfg.linear_correction_inputs,
+    )
+    apply_linear_correction(source, runs)
+    log.info("linear correction: %d runs fitted on %d tokens in %.1fs", len(runs), ids.numel(), time.time() - t0)
+    return {
+        "calibration_data": str(cfg.calibration_data),
+        "calibration_split": "search",
+        "calibration_tokens": int(ids.numel()),
+        "ridge": cfg.linear_correction_ridge,
+        "inputs": cfg.linear_correction_inputs,
+        "corrected_layers": [r.folded_into for r in runs if r.skipped is None],
+        "runs": [r.as_dict() for r in runs],
+    }
+
+
 def harden_checkpoint(cfg: HardenConfig) -> HardenResult:
     """The step: validate everything, load, harden, verify, and write the checkpoint atomically."""
     follow_cpu_quota()
@@ -223,6 +271,11 @@ def harden_checkpoint(cfg: HardenConfig) -> HardenResult:
     on_gpu = cfg.device == "cuda"  # verified in fp32 there; the CPU (the default) verifies in dtype, exactly
     source, _ = load_placed(cfg.model, cfg.device if on_gpu else "cpu", torch.float32 if on_gpu else cfg.dtype)
     tokenizer = load_tokenizer(cfg.model)
+    correction = None
+    if cfg.linear_correction:
+        # Folded into the source first, so the masked view of the corrected source is what the
+        # hardened checkpoint must reproduce (the verification below checks exactly that).
+        correction = linear_correction_record(cfg, source, keep)
     hardened = harden(source, keep, share_weights=True)  # the source is discarded after saving
     if on_gpu:
         hardened = dispatch_kept_layers(hardened, source, get_adapter(source).layers_path, keep)
@@ -253,6 +306,7 @@ def harden_checkpoint(cfg: HardenConfig) -> HardenResult:
         "removed_ratio": len(removed) / num_layers,
         "method": cfg.method,
         "verification": verification.as_dict() if verification else None,
+        "linear_correction": correction,
         "e3prune_version": __version__,
         **cfg.metadata,
     }
