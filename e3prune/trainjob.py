@@ -201,8 +201,8 @@ def run_distill_trainjob(
     SDK's dict (``{"gpu": 8, "cpu": 32, "memory": "900Gi"}``); without it, ``processes_per_node``
     GPUs are asked for, or the runtime's own resources are used.
     """
-    nodes = _count(nodes, cfg, "nodes", default=1, low=1, field="distill_nodes")
-    processes = _count(processes_per_node, cfg, "processes", default=0, low=0, field="distill_processes")
+    nodes = _count(nodes, cfg, "nodes", low=1, field="distill_nodes")
+    processes = _count(processes_per_node, cfg, "processes", low=0, field="distill_processes")
     client = client if client is not None else _trainer_client()
     local = _is_local(client)
     _check_locations(cfg, nodes, local)
@@ -313,8 +313,8 @@ def _is_local(client) -> bool:
     return isinstance(getattr(client, "backend", None), LocalProcessBackend)
 
 
-def _count(value: int | None, cfg, attr: str, *, default: int, low: int, field: str) -> int:
-    value = value if value is not None else getattr(cfg, attr, default)
+def _count(value: int | None, cfg, attr: str, *, low: int, field: str) -> int:
+    value = value if value is not None else getattr(cfg, attr)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise E3PruneError(f"must be an integer ≥ {low}, got {value!r}", field=field)
     return value

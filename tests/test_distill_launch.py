@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import psutil
@@ -169,16 +168,20 @@ def test_bad_launch_settings_fail_before_anything_starts(tiny_student, tiny_cach
 
 def test_several_nodes_go_to_a_trainjob_when_a_trainer_is_there(tiny_student, tiny_cache, tmp_path, monkeypatch):  # noqa: F811
     """nodes > 1: the Trainer is checked, then the run goes to ``e3prune.trainjob`` with the step's image."""
+    from e3prune import trainjob  # the cluster side is tests/test_trainjob.py's; here only the hand-over
+
     calls = []
-    fake = types.ModuleType("e3prune.trainjob")
 
     def no_trainer():
         calls.append("check")
         raise E3PruneError("no Kubeflow Trainer in this cluster", field="distill_nodes")
 
-    fake.check_trainer_available = no_trainer
-    fake.run_distill_trainjob = lambda cfg, *, image, log: calls.append(("run", cfg.nodes, image)) or {"steps": 3}
-    monkeypatch.setitem(sys.modules, "e3prune.trainjob", fake)
+    monkeypatch.setattr(trainjob, "check_trainer_available", no_trainer)
+    monkeypatch.setattr(
+        trainjob,
+        "run_distill_trainjob",
+        lambda cfg, *, image, log: calls.append(("run", cfg.nodes, image)) or {"steps": 3},
+    )
     monkeypatch.delenv("E3PRUNE_IMAGE", raising=False)
     cfg = _cfg(tiny_student, tiny_cache, tmp_path / "out", nodes=2)
 
@@ -192,7 +195,7 @@ def test_several_nodes_go_to_a_trainjob_when_a_trainer_is_there(tiny_student, ti
         launch_distill(cfg, image="registry/e3:1")
     assert err.value.field == "distill_nodes" and calls == ["check"]
 
-    fake.check_trainer_available = lambda: calls.append("available")
+    monkeypatch.setattr(trainjob, "check_trainer_available", lambda: calls.append("available"))
     assert launch_distill(cfg, image="registry/e3:1") == {"steps": 3}
     assert calls == ["check", "available", ("run", 2, "registry/e3:1")]
     assert not (tmp_path / "out").exists()

@@ -672,13 +672,8 @@ def test_processes_must_match_the_gpus_of_a_node(kube, s3):
 
 
 def test_nodes_and_processes_come_from_the_config_when_it_has_them(kube, s3):
-    """The launcher's branch adds DistillConfig.nodes / .processes; read them when present."""
-
-    class WithNodes(DistillConfig):
-        nodes: int = 1
-        processes: int = 0
-
-    cfg = WithNodes(**dict(s3_cfg(s3)), nodes=3, processes=2)
+    """Without keyword arguments the counts are DistillConfig.nodes / .processes (distill_nodes / distill_processes)."""
+    cfg = s3_cfg(s3, nodes=3, processes=2)
     succeeds(kube, cfg.output, nodes=3)
     trainjob.run_distill_trainjob(cfg, image=IMAGE, log=lambda s: None, client=client_for(kube))
     t = json.loads(kube.calls("POST", rf"{API}/namespaces/{NS}/trainjobs")[0].body)["spec"]["trainer"]
