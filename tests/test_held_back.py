@@ -92,7 +92,9 @@ def recording(monkeypatch, cache):
     yield reads
 
 
-def test_held_back_final_selection_never_scores_sequences_the_search_trained_on(lm_and_cache, tmp_path, monkeypatch):
+def test_held_back_final_selection_never_scores_sequences_the_search_trained_on(
+    lm_and_cache, tmp_path, monkeypatch, caplog
+):
     model, cache = lm_and_cache
     held = set(range(SPLIT - FINAL, SPLIT))
     cfg = dict(
@@ -102,6 +104,11 @@ def test_held_back_final_selection_never_scores_sequences_the_search_trained_on(
     with recording(monkeypatch, cache) as reads:
         res = search_mask(SearchConfig(**cfg, output=str(tmp_path / "e3")))
     assert res["held_back_sequences"] == FINAL and res["training_sequences"] == SPLIT - FINAL
+    # 30 steps × 4 sequences read the 32 of the training part 3.75 times, and the search says so.
+    assert (
+        "the search reads 3840 tokens from the 1024 of its split's training part: each sequence 3.8 times"
+        in caplog.text
+    )
     assert reads.by_phase["final"] == held  # the candidates are scored on the held-back part, all of it
     assert reads.by_phase["train"] == set(range(SPLIT - FINAL))  # 30 steps × 4 cover the training part
     assert reads.by_phase["init"] == set(range(SPLIT - FINAL))  # init_sequences 40 is capped to the training part

@@ -126,6 +126,30 @@ def test_a_step_error_names_the_pipeline_parameter():
     assert str(err.value) == "remove_ratio: must be in (0, 1), got 1.5"
 
 
+def test_an_unknown_selection_method_is_refused_by_the_first_step_with_the_allowed_list(tmp_path):
+    """detect_release (the pipeline's first step, called as KFP calls it) refuses it before anything runs."""
+    from kfp_calls import call_detect_release
+
+    from e3prune.search import SelectionMethod
+
+    allowed = "'e3', 'best', 'sleb', 'block_influence', 'angular', 'kl_oneshot', 'last' or 'random'"
+    assert typing.get_args(SelectionMethod) == (
+        "e3",
+        "best",
+        "sleb",
+        "block_influence",
+        "angular",
+        "kl_oneshot",
+        "last",
+        "random",
+    )
+    with pytest.raises(E3PruneError) as err:
+        call_detect_release(tmp_path, selection_method="greedy", mlflow_tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    assert err.value.field == "selection_method"
+    assert str(err.value) == f"selection_method: Input should be {allowed} (got 'greedy')"
+    assert not list(tmp_path.glob("detect-*/plan.md"))  # no plan: nothing was decided
+
+
 def test_a_marked_field_must_be_a_kfp_type():
     assert kfp_type(typing.Literal["a", "b"]) is str
     with pytest.raises(TypeError):
