@@ -311,13 +311,13 @@ def check_search_inputs(cfg: SearchConfig) -> tuple[int, int, TeacherTopK]:
 
 
 def _set_up(cfg: SearchConfig) -> SearchRun:
-    """Check the inputs and the state location, then load the frozen model and the search split."""
+    """Check the inputs and the state location, split the search split (training, held back), load the frozen model."""
     L, n_remove, cache = check_search_inputs(cfg)
     store = state_store(cfg)
     store.check_writable()
+    data, held_back = split_search_data(cache.load("search"), cfg)  # refuses a split too small, before any weights
     model, input_device = load_placed(cfg.model, cfg.device)  # fp32 on the CPU, bf16 on GPUs (frozen)
     model.requires_grad_(False)
-    data, held_back = split_search_data(cache.load("search"), cfg)
     tokens_per_step = cfg.batch_size * data["input_ids"].size(1)
     total_steps = max(1, math.ceil(cfg.search_tokens / tokens_per_step))
     passes = cfg.search_tokens / data["input_ids"].numel()
