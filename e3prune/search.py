@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import AfterValidator, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from e3prune import storage
@@ -129,6 +129,15 @@ class SearchConfig(StepConfig):
         "auto", description=DEVICE_HELP + "; θ, the optimiser and the losses stay fp32 (θ on the CPU) wherever it runs"
     )
     overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _best_needs_held_back(self) -> SearchConfig:
+        if self.selection_method == "best" and not self.final_selection:
+            raise ValueError(
+                "selection_method best judges E³ and SLEB on the search's held-back sequences; "
+                "keep final_selection true (without it the search trains on them)"
+            )
+        return self
 
     @field_validator("tau_end")
     @classmethod

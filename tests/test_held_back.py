@@ -131,5 +131,7 @@ def test_held_back_part_is_at_most_half_the_split_and_required():
     with pytest.raises(E3PruneError, match="too few to hold any back") as err:
         search.split_search_data(one, SearchConfig(teacher_cache="c", output="o"))
     assert err.value.field == "teacher_cache"
+    with pytest.raises(E3PruneError, match="keep final_selection true"):
+        SearchConfig.parse(teacher_cache="c", output="o", selection_method="best", final_selection=False)
     train, held = search.split_search_data(one, SearchConfig(teacher_cache="c", output="o", final_selection=False))
     assert train["input_ids"].size(0) == 1 and held["input_ids"].size(0) == 0
