@@ -5,10 +5,11 @@
 - a baseline (``sleb``, ``block_influence``, ``angular``, ``kl_oneshot``, ``last``, ``random``):
   the selector of :mod:`e3prune.selection` on the first ``calibration_sequences`` of the search
   split, as ``e3prune select`` runs it;
-- ``best``: the E³ search and SLEB both run on the search split, and the set with the lower KL to
-  the teacher on *held-back* data wins: the first ``final_sequences`` of the cache's distill split,
-  which neither selector read (never the eval split; docs/method.md, "Choosing between
-  selectors").
+- ``best``: the E³ search and SLEB both run on the training part of the search split, and the set
+  with the lower KL to the teacher on its *held-back* part wins: the last ``final_sequences``
+  sequences (``e3prune.search.split_search_data``), which neither selector trained on, the very
+  sequences that chose E³'s own set among its candidates, so SLEB's set is in effect one more
+  candidate (docs/method.md, "Choosing between selectors").
 
 Either way the output is the ``search.json`` every later step reads (keep, removed, the
 candidates with their scores, and the cost), so harden, register and the pipeline do not change.
@@ -48,14 +49,17 @@ def choose_layers(cfg: SearchConfig) -> dict[str, Any]:
     return result
 
 
-def _baseline(cfg: SearchConfig, method: str, output: str) -> dict[str, Any]:
-    """A baseline selector, its result in search.json's form (no θ, no trajectory)."""
+def _baseline(cfg: SearchConfig, method: str, output: str, held_back: int = 0) -> dict[str, Any]:
+    """A baseline selector, its result in search.json's form (no θ, no trajectory). With ``held_back``
+    it reads only the split's sequences before the last ``held_back`` (``best``)."""
     from e3prune.model_io import load_config
+    from e3prune.teacher import TeacherTopK
 
+    n_train = TeacherTopK(cfg.teacher_cache).sequences("search") - held_back
     select = SelectConfig.parse(
         model=cfg.model, teacher_cache=cfg.teacher_cache, output=f"{output}.{method}", method=method,
-        remove_ratio=cfg.remove_ratio, calibration_sequences=CALIBRATION_SEQUENCES, batch_size=cfg.batch_size,
-        seed=cfg.seed, device=cfg.device, overwrite=True,
+        remove_ratio=cfg.remove_ratio, calibration_sequences=max(1, min(CALIBRATION_SEQUENCES, n_train)),
+        batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, overwrite=True,
     )  # fmt: skip
     sel = select_layers(select)
     L = load_config(cfg.model).num_hidden_layers
@@ -73,8 +77,9 @@ def _best(cfg: SearchConfig) -> dict[str, Any]:
     from e3prune.search import search_mask
 
     e3 = search_mask(cfg.model_copy(update={"selection_method": "e3", "output": f"{cfg.output}.e3"}))
-    sleb = _baseline(cfg, "sleb", cfg.output)
-    scores = _held_back_kl(cfg, {"e3": e3["keep"], "sleb": sleb["keep"]})
+    held_back = _held_back(cfg)
+    sleb = _baseline(cfg, "sleb", cfg.output, held_back["input_ids"].size(0))
+    scores = _held_back_kl(cfg, held_back, {"e3": e3["keep"], "sleb": sleb["keep"]})
     winner = min(BEST_OF, key=lambda m: (scores[m], BEST_OF.index(m)))  # a tie keeps E³
     chosen = {"e3": e3, "sleb": sleb}[winner]
     candidates = [{"source": m, "keep": r["keep"], "held_back_kl": scores[m]} for m, r in (("e3", e3), ("sleb", sleb))]
@@ -86,19 +91,21 @@ def _best(cfg: SearchConfig) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _held_back_kl(cfg: SearchConfig, keep_sets: dict[str, list[int]]) -> dict[str, float]:
-    """KL to the teacher's top-K of each keep-set on the first ``final_sequences`` of the distill split."""
-    from e3prune.placement import load_placed
+def _held_back(cfg: SearchConfig) -> dict[str, Any]:
+    """The held-back part of the search split, as the search holds it back (with its final selection on)."""
+    from e3prune.search import split_search_data
     from e3prune.teacher import TeacherTopK
 
-    cache = TeacherTopK(cfg.teacher_cache)
-    n = min(cfg.final_sequences, cache.sequences("distill"))
-    if n < 1:
-        from e3prune.errors import E3PruneError
+    return split_search_data(
+        TeacherTopK(cfg.teacher_cache).load("search"), cfg.model_copy(update={"final_selection": True})
+    )[1]
 
-        raise E3PruneError("selection_method best scores on the distill split, which is empty", field="teacher_cache")
-    calib = Calibration.from_batch(cache.batch("distill", 0, n))
+
+def _held_back_kl(cfg: SearchConfig, held_back: dict[str, Any], keep_sets: dict[str, list[int]]) -> dict[str, float]:
+    """KL to the teacher's top-K of each keep-set on the held-back part of the search split."""
+    from e3prune.placement import load_placed
+
+    calib = Calibration.from_batch(held_back)
     model, _ = load_placed(cfg.model, cfg.device)  # masked_loss moves each batch to the model
     meter = Meter()
     return {m: round(masked_loss(model, calib, keep, "kl", cfg.batch_size, meter), 6) for m, keep in keep_sets.items()}
-

@@ -476,8 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         type=_source_arg,
         metavar="URI[:WEIGHT]",
-        help="builtin:reference (default), a local jsonl/json/parquet/txt file or directory, or a hub "
-        "dataset id; repeat for a mixture",
+        help="builtin:reference, builtin:reference-train, a local jsonl/json/parquet/txt file or directory, or a "
+        "hub dataset id; repeat for a mixture (every source feeds every split). Default: eval from "
+        "builtin:reference, search and distill from builtin:reference-train",
     )
     p.add_argument("--text-field", help="field holding the text, for every --source (default: text)")
     p.add_argument("--messages-field", help="field holding chat messages, rendered with the chat template")

@@ -34,12 +34,13 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from e3prune import __version__, reference, storage
 from e3prune.config import PipelineParameter, StepConfig
 from e3prune.data_sources import (
     BUILTIN_REFERENCE,
+    BUILTIN_REFERENCE_TRAIN,
     Source,
     SourceSpec,
     documents,
@@ -61,6 +62,12 @@ MEMORY_BYTES_PER_TOKEN = 8
 DISK_BYTES_PER_TOKEN = 4
 SPLITS = ("search", "distill", "eval")  # the order of the manifest
 FILL_ORDER = ("eval", "search", "distill")  # eval first: it must not move when other budgets change
+# Held-out text for eval; the reference model's training files (about 3 M tokens) for search and
+# distillation, which then never repeat a sequence at the default budgets (docs/method.md, Stage 0).
+DEFAULT_SOURCES = (
+    {"uri": BUILTIN_REFERENCE, "splits": ["eval"]},
+    {"uri": BUILTIN_REFERENCE_TRAIN, "splits": ["search", "distill"]},
+)
 
 
 def _default_tokenizer() -> str:
@@ -70,19 +77,32 @@ def _default_tokenizer() -> str:
 class SampleConfig(StepConfig):
     """Stage 0: what to sample, how much of it, and where to write it."""
 
-    sources: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(uri=BUILTIN_REFERENCE)], min_length=1)
+    sources: list[SourceSpec] = Field(
+        default_factory=lambda: [SourceSpec.model_validate(s) for s in DEFAULT_SOURCES],
+        min_length=1,
+        description="the mixture; default: eval from the reference model's held-out corpus, search and distill "
+        "from its training files (enough for the default budgets without repeating a sequence)",
+    )
     tokenizer: str = Field(default_factory=_default_tokenizer, description="model directory whose tokenizer to use")
     seq_len: Annotated[int, PipelineParameter()] = Field(
         256, ge=2, description="tokens per packed sequence; at most the model's positions"
     )
     search_tokens: Annotated[int, PipelineParameter("search_split_tokens")] = Field(
-        65536, ge=0, description="tokens sampled for the search split (0: empty split)"
+        647_168,
+        ge=0,
+        description="tokens sampled for the search split (0: empty split); the default holds the default search "
+        "budget (614,400) once plus the 128 held-back sequences of 256 tokens that judge its final candidates",
     )
     distill_tokens: Annotated[int, PipelineParameter("distill_split_tokens")] = Field(
-        131072, ge=0, description="tokens sampled for the distill split (0: empty split)"
+        524_288,
+        ge=0,
+        description="tokens sampled for the distill split (0: empty split); the default holds the "
+        "default distill budget once",
     )
     eval_tokens: Annotated[int, PipelineParameter("eval_split_tokens")] = Field(
-        65536, ge=0, description="tokens sampled for the eval split, for evaluation only, never for choices (0: empty split)"
+        65536,
+        ge=0,
+        description="tokens sampled for the eval split, for evaluation only, never for choices (0: empty split)",
     )
     seed: Annotated[int, PipelineParameter("sample_seed")] = Field(0, ge=0, description="seed of the data sampler")
     allow_repeat: Annotated[bool, PipelineParameter()] = Field(
@@ -101,6 +121,15 @@ class SampleConfig(StepConfig):
             raise ValueError(f"sources need distinct names, {dupes} appear more than once; set name on each")
         return sources
 
+    @model_validator(mode="after")
+    def _every_split_fed(self) -> SampleConfig:
+        unfed = [s for s in SPLITS if self.budget_tokens(s) and not any(s in src.splits for src in self.sources)]
+        if unfed:
+            raise ValueError(
+                f"no source feeds the {' and '.join(unfed)} split; add it to a source's splits or set its budget to 0"
+            )
+        return self
+
     def budget_tokens(self, split: str) -> int:
         return {"search": self.search_tokens, "distill": self.distill_tokens, "eval": self.eval_tokens}[split]
 
@@ -114,14 +143,16 @@ def _split_tokens(cfg: SampleConfig) -> dict[str, int]:
 
 
 def _source_needs(cfg: SampleConfig, split_tokens: dict[str, int]) -> list[dict[str, int]]:
-    """Tokens each source owes each split: its normalised weight of the split's tokens, rounded up.
+    """Tokens each source owes each split: its weight, normalised over the sources that feed the
+    split (``splits``), of the split's tokens, rounded up; nothing for a split it does not feed.
 
     Rounding up per source makes the sum reach the split's total, so packing never runs short;
     exact fractions keep float rounding from undercutting that by a token.
     """
-    total_weight = sum(Fraction(s.weight) for s in cfg.sources)
+    weight = {s: sum(Fraction(src.weight) for src in cfg.sources if s in src.splits) for s in SPLITS}
     return [
-        {s: math.ceil(split_tokens[s] * Fraction(src.weight) / total_weight) for s in SPLITS} for src in cfg.sources
+        {s: math.ceil(split_tokens[s] * Fraction(src.weight) / weight[s]) if s in src.splits else 0 for s in SPLITS}
+        for src in cfg.sources
     ]
 
 
@@ -314,7 +345,6 @@ def available_memory() -> int | None:
     return have
 
 
-
 def sample_data(cfg: SampleConfig) -> dict[str, Any]:
     """Sample the three splits, write shards and ``manifest.json`` to ``cfg.output``; return the manifest.
 
@@ -394,6 +424,7 @@ def _source_record(source: Source, cfg: SampleConfig) -> dict[str, Any]:
         "uri": spec.uri,
         "weight": spec.weight,
         "share": spec.weight / total_weight,
+        "splits": list(spec.splits),
         "field": {"messages_field": spec.messages_field} if spec.messages_field else {"text_field": spec.text_field},
         "fingerprint": source.fingerprint,
         "documents": source.dataset.num_rows,  # rows in the source, empty ones included

@@ -1,8 +1,10 @@
 """Stage 0's sources (docs/method.md): where a source's documents come from and how they become tokens.
 
-A source (:class:`SourceSpec`) is ``builtin:reference`` (the reference model's shipped corpus),
-a local jsonl / json / parquet / text file or a directory of them (one format per source), or a
-Hugging Face hub dataset id. Each row is one document: the text of ``text_field``, or the chat
+A source (:class:`SourceSpec`) is ``builtin:reference`` (the reference model's shipped held-out
+corpus), ``builtin:reference-train`` (its training files, rebuilt from this Python's standard
+library as ``e3prune reference-model build`` selects them), a local jsonl / json / parquet / text
+file or a directory of them (one format per source), or a Hugging Face hub dataset id. A source
+may be limited to some splits (``splits``), e.g. held-out text for ``eval`` only. Each row is one document: the text of ``text_field``, or the chat
 messages of ``messages_field`` rendered with the tokenizer's chat template.
 
 Opening a source checks, before anything is tokenized, that it exists, loads, has the field and
@@ -13,6 +15,7 @@ documents in a seeded order, tokenized in batches only as far as the sampler ask
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -21,15 +24,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from e3prune import reference
 from e3prune.errors import E3PruneError
 
 BUILTIN_REFERENCE = "builtin:reference"
+# The reference model's training files (about 3 M tokens): enough for search and distillation
+# budgets that never repeat a sequence. Never fit for eval: the model was trained on them.
+BUILTIN_REFERENCE_TRAIN = "builtin:reference-train"
+BUILTIN_SOURCES = (BUILTIN_REFERENCE, BUILTIN_REFERENCE_TRAIN)
+SPLIT_NAMES = ("search", "distill", "eval")
 # Suffix -> the `datasets` builder that reads it. Longest suffixes first so ".jsonl.gz" wins over ".gz".
 FORMATS = {
     ".jsonl.gz": "json",
@@ -40,7 +48,7 @@ FORMATS = {
     ".txt": "text",
 }
 ALLOWED_SOURCES = (
-    f"{BUILTIN_REFERENCE}, a local {'/'.join(FORMATS)} file or a directory of them, "
+    f"{BUILTIN_REFERENCE}, {BUILTIN_REFERENCE_TRAIN}, a local {'/'.join(FORMATS)} file or a directory of them, "
     "or a Hugging Face hub dataset id like 'org/name'"
 )
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -82,6 +90,11 @@ class SourceSpec(BaseModel):
         None, min_length=1, description="column holding chat messages, rendered with the tokenizer's chat template"
     )
     split: str = Field("train", min_length=1, description="split of a hub dataset (local files have one)")
+    splits: list[Literal["search", "distill", "eval"]] = Field(
+        default_factory=lambda: list(SPLIT_NAMES),
+        min_length=1,
+        description="the sampled splits this source feeds (default all), e.g. [eval] for held-out text only",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -91,6 +104,13 @@ class SourceSpec(BaseModel):
         if isinstance(data, dict) and not data.get("name") and isinstance(data.get("uri"), str):
             data = {**data, "name": _default_name(data["uri"])}
         return data
+
+    @field_validator("splits")
+    @classmethod
+    def _distinct_splits(cls, splits: list[str]) -> list[str]:
+        if len(set(splits)) != len(splits):
+            raise ValueError(f"name each split once, got {splits}")
+        return splits
 
 
 @dataclass(frozen=True)
@@ -186,10 +206,13 @@ def _resolve(index: int, spec: SourceSpec) -> tuple[str, list[Path] | str]:
     field_name = f"sources.{index}.uri"
     uri = spec.uri
     if uri.startswith("builtin:"):
-        if uri != BUILTIN_REFERENCE:
+        if uri not in BUILTIN_SOURCES:
             raise E3PruneError(
-                f"unknown built-in source {uri!r}; the built-in source is {BUILTIN_REFERENCE}", field=field_name
+                f"unknown built-in source {uri!r}; the built-in sources are {', '.join(BUILTIN_SOURCES)}",
+                field=field_name,
             )
+        if uri == BUILTIN_REFERENCE_TRAIN:
+            return "reference-train", uri
         corpus = builtin_corpus()
         if not corpus.is_file():
             raise E3PruneError(
@@ -237,6 +260,9 @@ def open_source(index: int, spec: SourceSpec, tokenizer: Any) -> Source:
     from datasets import load_dataset
 
     kind, target = _resolve(index, spec)
+    if kind == "reference-train":
+        dataset, fingerprint = reference_train_dataset()
+        return _checked_source(index, spec, tokenizer, dataset, fingerprint)
     try:
         if kind == "local":
             files = target
@@ -255,7 +281,55 @@ def open_source(index: int, spec: SourceSpec, tokenizer: Any) -> Source:
         raise E3PruneError(
             f"cannot load {spec.uri!r} {what}: {type(exc).__name__}: {exc}", field=f"sources.{index}.uri"
         ) from None
+    return _checked_source(index, spec, tokenizer, dataset, fingerprint)
 
+
+# A training file sharing more than this share of its word 16-grams with the held-out corpus is a
+# near-copy of a held-out file (the standard library's codec tables, encodings/cp*.py, are the
+# bulk) and is left out of builtin:reference-train, so that eval text is not search or distill text.
+NEAR_COPY_NGRAM = 16
+NEAR_COPY_SHARE = 0.25
+
+
+def _word_ngrams(text: str, n: int = NEAR_COPY_NGRAM) -> set[int]:
+    words = text.split()
+    return {hash(tuple(words[i : i + n])) for i in range(max(0, len(words) - n + 1))}
+
+
+@functools.lru_cache(maxsize=1)  # a few seconds to rebuild; one process samples several times in tests
+def reference_train_dataset() -> tuple[Any, str]:
+    """``builtin:reference-train``: the reference model's training files as a dataset of ``{"path", "text"}``.
+
+    Rebuilt by :func:`e3prune.reference.build.train_documents`, the selection the build trains on
+    (disjoint by path from the held-out files), less the near-copies of held-out files: any file
+    whose word 16-grams are more than ``NEAR_COPY_SHARE`` in the shipped held-out corpus
+    (``builtin:reference``). With Python 3.11.7 that leaves 526 of 600 files, 2,608,367 tokens with
+    the reference tokenizer (docs/method.md, Stage 0). The fingerprint is the sha256 of the paths and
+    texts: it changes with the standard library.
+    """
+    from datasets import Dataset
+
+    from e3prune.reference.build import train_documents
+
+    heldout: set[int] = set()
+    if builtin_corpus().is_file():
+        with gzip.open(builtin_corpus(), "rt", encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    heldout |= _word_ngrams(json.loads(line)["text"])
+    docs = []
+    for d in train_documents():
+        grams = _word_ngrams(d.text)
+        if not grams or len(grams & heldout) <= NEAR_COPY_SHARE * len(grams):
+            docs.append(d)
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.path.encode() + b"\0" + d.text.encode("utf-8", errors="replace") + b"\0")
+    return Dataset.from_dict({"path": [d.path for d in docs], "text": [d.text for d in docs]}), h.hexdigest()
+
+
+def _checked_source(index: int, spec: SourceSpec, tokenizer: Any, dataset: Any, fingerprint: str) -> Source:
+    """The loaded dataset as a :class:`Source`, checked for its field, the chat template and a document."""
     field_kind = "messages_field" if spec.messages_field else "text_field"
     column = spec.messages_field or spec.text_field
     if column not in dataset.column_names:
@@ -376,6 +450,7 @@ def _check_not_empty(source: Source) -> None:
         field=f"sources.{source.index}.uri",
     )
 
+
 # --------------------------------------------------------------------------- documents
 
 
@@ -407,4 +482,3 @@ def documents(source: Source, tokenizer: Any, seed: int) -> Iterator[Document]:
             arr[:-1] = ids
             arr[-1] = eos
             yield Document(source.index, row, arr)
-

@@ -64,6 +64,7 @@ from e3prune.adapters import get_adapter
 from e3prune.config import StepConfig, open_unit_interval
 from e3prune.errors import E3PruneError
 from e3prune.run_config import RunConfig
+from e3prune.search import SearchConfig
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,16 @@ class PlanConfig(StepConfig):
         _default("distill_batch_size"), ge=1, description="sequences per GPU per distillation micro-batch"
     )
     eval_batch_size: int = Field(_default("eval_batch_size"), ge=1, description="sequences per evaluation forward")
-    init_sequences: int = Field(32, ge=0, description="search-split sequences of the search's KL initialisation")
-    final_sequences: int = Field(32, ge=0, description="search-split sequences that score the final candidates")
+    init_sequences: int = Field(
+        SearchConfig.model_fields["init_sequences"].default,
+        ge=0,
+        description="search-split sequences of the search's KL initialisation",
+    )
+    final_sequences: int = Field(
+        SearchConfig.model_fields["final_sequences"].default,
+        ge=0,
+        description="held-back search-split sequences that score the final candidates",
+    )
 
     @field_validator("model")
     @classmethod

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from typing import Any
 
 from pydantic import Field, create_model, field_validator
 
 from e3prune.config import StepConfig, pipeline_parameters
-from e3prune.data import SampleConfig
+from e3prune.data import DEFAULT_SOURCES, SampleConfig
 from e3prune.distill import DistillConfig
 from e3prune.errors import E3PruneError
 from e3prune.evaluate import EvaluateConfig
@@ -74,9 +75,11 @@ class RunSettings(StepConfig):
         "everything in KFP artifacts (small models only)",
     )
     data_sources: str = Field(
-        "builtin:reference",
-        description="comma-separated data sources (jsonl/parquet/text files, hub dataset ids, builtin:reference) "
-        "or a JSON list of {uri, weight, text_field, messages_field, split}",
+        json.dumps(list(DEFAULT_SOURCES)),
+        description="comma-separated data sources (jsonl/parquet/text files, hub dataset ids, builtin:reference, "
+        "builtin:reference-train) or a JSON list of {uri, weight, text_field, messages_field, split, splits}; "
+        "the default samples eval from the reference model's held-out corpus and search and distill from its "
+        "training files",
     )
     lm_eval_tasks: str = Field(
         "", description="comma-separated lm-evaluation-harness tasks (e.g. python_stdlib_cloze); empty: none"
@@ -187,17 +190,32 @@ class RunSettings(StepConfig):
         }
 
     def repeat_warnings(self) -> list[str]:
-        """Where a budget reads its split more than once (repeated data over-fits: docs/method.md, Stage 0)."""
+        """Where a budget reads its split more than once (repeated data over-fits: docs/method.md, Stage 0).
+
+        The search trains on its split less the sequences held back for the final selection
+        (``e3prune.search.held_back_sequences``), so the split must hold both to be read once.
+        """
+        from e3prune.search import held_back_sequences
+
+        seq_len = self.seq_len
+        search_seqs = math.ceil(self.search_split_tokens / seq_len)
+        held = held_back_sequences(search_seqs, SearchConfig.model_fields["final_sequences"].default)
         reads = [
-            ("search_budget_tokens", self.search_budget_tokens, "search_split_tokens", self.search_split_tokens),
-            ("distill_budget_tokens", self.distill_budget_tokens, "distill_split_tokens", self.distill_split_tokens),
-        ]
-        return [
-            f"{budget} ({used:,}) reads {split} ({size:,}) {used / size:.1f} times; "
-            f"raise {split} to {used:,} to see each sequence once"
-            for budget, used, split, size in reads
-            if size and used > size
-        ]
+            ("search_budget_tokens", self.search_budget_tokens, "search_split_tokens", (search_seqs - held) * seq_len,
+             held * seq_len),
+            ("distill_budget_tokens", self.distill_budget_tokens, "distill_split_tokens", self.distill_split_tokens, 0),
+        ]  # fmt: skip
+        warnings = []
+        for budget, used, split, size, extra in reads:
+            if size and used > size:
+                what = f"the {size:,} tokens it trains on of {split}" if extra else f"{split} ({size:,})"
+                need = math.ceil((used + extra) / seq_len) * seq_len if extra else used
+                held_note = f" (the budget plus {extra:,} held-back tokens)" if extra else ""
+                warnings.append(
+                    f"{budget} ({used:,}) reads {what} {used / size:.1f} times; "
+                    f"raise {split} to {need:,}{held_note} to see each sequence once"
+                )
+        return warnings
 
     # ------------------------------------------------------------- validation
 

@@ -7,9 +7,11 @@ h ← h + m_l · (F_l(h) − h) (``e3prune.masking``). The loss is the per-token
 teacher top-K (+ tail) and the student, averaged over tokens, plus λ·CE on the next token.
 θ is initialised from the KL importance of Stage 2 (standardised, times ``init_scale``).
 
-The final keep-set is chosen among a few candidates scored on the *search* split (docs/method.md
-"Final selection"): the top-k of θ, the most frequent hard masks of the last steps, and single
-swaps across the keep/remove boundary of θ.
+The final keep-set is chosen among a few candidates (docs/method.md "Final selection"): the top-k
+of θ, the most frequent hard masks of the last steps, single swaps across the keep/remove boundary
+of θ and the top-k of earlier θ. They are scored on the *held-back* part of the search split, its
+last ``final_sequences`` sequences, which the search's training steps and its KL initialisation
+never read (:func:`split_search_data`).
 
 The state (θ, the optimiser, the Gumbel generator, the data order, the trajectory, the step) is
 saved every ``checkpoint_every_steps`` to ``state`` (a local directory or an ``s3://`` URI;
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import AfterValidator, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from e3prune import storage
@@ -108,7 +110,12 @@ class SearchConfig(StepConfig):
     init_sequences: int = Field(32, ge=1, description="search-split sequences for the KL initialisation")
     ce_weight: float = Field(0.0, ge=0, description="λ of the optional next-token CE term")
     final_selection: bool = True
-    final_sequences: int = Field(32, ge=1, description="search-split sequences that score the final candidates")
+    final_sequences: int = Field(
+        128,
+        ge=1,
+        description="held-back sequences (the search split's last) that score the final candidates; the search "
+        "never trains on them (at most half the split)",
+    )
     final_swaps: int = Field(3, ge=0, description="r: swaps between the r weakest kept and r strongest removed")
     final_window_fraction: float = Field(
         0.25, gt=0, le=1, description="last fraction of steps whose masks are candidates"
@@ -122,6 +129,15 @@ class SearchConfig(StepConfig):
         "auto", description=DEVICE_HELP + "; θ, the optimiser and the losses stay fp32 (θ on the CPU) wherever it runs"
     )
     overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _best_needs_held_back(self) -> SearchConfig:
+        if self.selection_method == "best" and not self.final_selection:
+            raise ValueError(
+                "selection_method best judges E³ and SLEB on the search's held-back sequences; "
+                "keep final_selection true (without it the search trains on them)"
+            )
+        return self
 
     @field_validator("tau_end")
     @classmethod
@@ -172,13 +188,38 @@ def final_candidates(
 # --------------------------------------------------------------------------- the run
 
 
+def held_back_sequences(n_sequences: int, final_sequences: int, final_selection: bool = True) -> int:
+    """How many of the search split's sequences are held back for the final selection: the last
+    ``final_sequences``, at most half the split (a small split still trains on most of it); none
+    without a final selection."""
+    return min(final_sequences, n_sequences // 2) if final_selection else 0
+
+
+def split_search_data(
+    data: dict[str, torch.Tensor], cfg: SearchConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The search split as (training part, held-back part): the first sequences and the last
+    :func:`held_back_sequences`. The search's steps and its KL initialisation read only the first;
+    the final candidates, and ``selection_method: best``, are judged only on the second."""
+    n = data["input_ids"].size(0)
+    held = held_back_sequences(n, cfg.final_sequences, cfg.final_selection)
+    if cfg.final_selection and held < 1:
+        raise E3PruneError(
+            f"the search split has {n} sequence(s): too few to hold any back for the final selection; "
+            "sample more search tokens or set final_selection to false",
+            field="teacher_cache",
+        )
+    return {k: v[: n - held] for k, v in data.items()}, {k: v[n - held :] for k, v in data.items()}
+
+
 @dataclass
 class SearchRun:
     """What every part of one search shares: settings, frozen model, search split, plan, state store."""
 
     cfg: SearchConfig
     model: torch.nn.Module
-    data: dict[str, torch.Tensor]
+    data: dict[str, torch.Tensor]  # the training part of the search split (never the held-back part)
+    held_back: dict[str, torch.Tensor]  # the held-back part: the final selection's only data
     n_layers: int
     k: int
     total_steps: int
@@ -279,16 +320,23 @@ def check_search_inputs(cfg: SearchConfig) -> tuple[int, int, TeacherTopK]:
 
 
 def _set_up(cfg: SearchConfig) -> SearchRun:
-    """Check the inputs and the state location, then load the frozen model and the search split."""
+    """Check the inputs and the state location, split the search split (training, held back), load the frozen model."""
     L, n_remove, cache = check_search_inputs(cfg)
     store = state_store(cfg)
     store.check_writable()
+    data, held_back = split_search_data(cache.load("search"), cfg)  # refuses a split too small, before any weights
     model, input_device = load_placed(cfg.model, cfg.device)  # fp32 on the CPU, bf16 on GPUs (frozen)
     model.requires_grad_(False)
-    data = cache.load("search")
     tokens_per_step = cfg.batch_size * data["input_ids"].size(1)
     total_steps = max(1, math.ceil(cfg.search_tokens / tokens_per_step))
-    return SearchRun(cfg, model, data, L, L - n_remove, total_steps, tokens_per_step, store, input_device)
+    passes = cfg.search_tokens / data["input_ids"].numel()
+    if passes > 1:
+        log.warning(
+            "the search reads %d tokens from the %d of its split's training part: each sequence %.1f times; "
+            "sample a larger search split to see each once",
+            cfg.search_tokens, data["input_ids"].numel(), passes,
+        )  # fmt: skip
+    return SearchRun(cfg, model, data, held_back, L, L - n_remove, total_steps, tokens_per_step, store, input_device)
 
 
 def _initial_state(run: SearchRun, started: float) -> SearchState:
@@ -374,7 +422,7 @@ def _choose(run: SearchRun, state: SearchState) -> tuple[list[int], list[dict]]:
         return sorted(torch.argsort(theta, descending=True)[: run.k].tolist()), []
     last = trajectory[-max(1, round(cfg.final_window_fraction * run.total_steps)) :]
     window = [tuple(t["keep"]) for t in last if t["k"] == run.k]
-    calib = Calibration.from_batch(run.data, min(cfg.final_sequences, run.data["input_ids"].size(0)))
+    calib = Calibration.from_batch(run.held_back)  # sequences no training step or the initialisation read
     earlier = [("init", torch.tensor(state.init_theta))] + [
         (f"step{trajectory[i]['step']}", torch.tensor(trajectory[i]["theta"]))
         for i in (len(trajectory) // 4, len(trajectory) // 2, 3 * len(trajectory) // 4)
@@ -398,6 +446,8 @@ def _result(run: SearchRun, state: SearchState, keep: list[int], candidates: lis
         "theta": state.theta.detach().tolist(),
         "init_scores": state.init_scores,
         "candidates": candidates,
+        "held_back_sequences": run.held_back["input_ids"].size(0),
+        "training_sequences": run.data["input_ids"].size(0),
         "chosen_from": next((c["source"] for c in candidates if c["keep"] == keep), "topk_theta"),
         "steps": run.total_steps,
         "search_tokens": tokens,

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from e3prune.config import PipelineParameter, pipeline_parameters
+from e3prune.data_sources import SourceSpec
 from e3prune.errors import E3PruneError
 from e3prune.run_config import STEP_CONFIGS, RunConfig, RunSettings
 from e3prune_components.detect_release.generate import STEP_OUTPUTS, is_current, kfp_type, sentence
@@ -72,9 +73,10 @@ def test_detect_release_is_generated_from_run_config_and_takes_every_parameter_w
     assert set(inputs) == set(RunConfig.model_fields)
     for name, field in RunConfig.model_fields.items():
         assert inputs[name].default is None and not inputs[name].optional, name
-        assert inputs[name].type == {str: "String", int: "Integer", float: "Float", bool: "Boolean"}[
-            kfp_type(field.annotation)
-        ], name
+        assert (
+            inputs[name].type
+            == {str: "String", int: "Integer", float: "Float", bool: "Boolean"}[kfp_type(field.annotation)]
+        ), name
 
 
 def test_no_component_has_defaults_of_its_own():
@@ -110,10 +112,12 @@ def test_default_run_gives_each_step_its_library_defaults():
         for field, value in steps[step].items():
             assert field in cls.model_fields, f"{step} got {field}, which {cls.__name__} does not have"
             default = cls.model_fields[field].get_default(call_default_factory=True)
-            if field == "sources":
-                assert value == [{"uri": "builtin:reference"}]
+            if field == "sources":  # the pipeline's JSON string, the step's SourceSpec objects: the same sources
+                assert [SourceSpec.model_validate(v) for v in value] == default
             else:
-                assert value == default, f"{cls.__name__}.{field}: run gives {value!r}, the step's default is {default!r}"
+                assert value == default, (
+                    f"{cls.__name__}.{field}: run gives {value!r}, the step's default is {default!r}"
+                )
 
 
 def test_a_step_error_names_the_pipeline_parameter():
@@ -123,6 +127,30 @@ def test_a_step_error_names_the_pipeline_parameter():
     with pytest.raises(E3PruneError) as err:
         RunConfig.parse(remove_ratio=1.5)
     assert str(err.value) == "remove_ratio: must be in (0, 1), got 1.5"
+
+
+def test_an_unknown_selection_method_is_refused_by_the_first_step_with_the_allowed_list(tmp_path):
+    """detect_release (the pipeline's first step, called as KFP calls it) refuses it before anything runs."""
+    from kfp_calls import call_detect_release
+
+    from e3prune.search import SelectionMethod
+
+    allowed = "'e3', 'best', 'sleb', 'block_influence', 'angular', 'kl_oneshot', 'last' or 'random'"
+    assert typing.get_args(SelectionMethod) == (
+        "e3",
+        "best",
+        "sleb",
+        "block_influence",
+        "angular",
+        "kl_oneshot",
+        "last",
+        "random",
+    )
+    with pytest.raises(E3PruneError) as err:
+        call_detect_release(tmp_path, selection_method="greedy", mlflow_tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    assert err.value.field == "selection_method"
+    assert str(err.value) == f"selection_method: Input should be {allowed} (got 'greedy')"
+    assert not list(tmp_path.glob("detect-*/plan.md"))  # no plan: nothing was decided
 
 
 def test_a_marked_field_must_be_a_kfp_type():
@@ -137,7 +165,9 @@ def test_readme_parameter_table_and_configuration_reference_are_fresh():
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
-    assert readme == readme_with_table(readme), "README.md's parameter table is stale: run `e3prune config-docs --write`"
+    assert readme == readme_with_table(readme), (
+        "README.md's parameter table is stale: run `e3prune config-docs --write`"
+    )
     assert (root / "docs" / "configuration.md").read_text() == render(), "run `e3prune config-docs --write`"
 
 
@@ -161,13 +191,17 @@ def test_step_parameters_are_json_kfp_can_carry():
 def test_a_budget_that_repeats_its_split_is_named_in_the_plan(tmp_path):
     from kfp_calls import call_detect_release
 
-    warnings = RunConfig().repeat_warnings()  # the defaults repeat both splits
+    assert RunConfig().repeat_warnings() == []  # the default splits hold their budgets once, and the held-back part
+    small = {"search_split_tokens": 65_536, "distill_split_tokens": 131_072}  # the defaults before issue 13
+    warnings = RunConfig.parse(small).repeat_warnings()
     assert warnings == [
-        "search_budget_tokens (614,400) reads search_split_tokens (65,536) 9.4 times; "
-        "raise search_split_tokens to 614,400 to see each sequence once",
+        "search_budget_tokens (614,400) reads the 32,768 tokens it trains on of search_split_tokens 18.8 times; "
+        "raise search_split_tokens to 647,168 (the budget plus 32,768 held-back tokens) to see each sequence once",
         "distill_budget_tokens (524,288) reads distill_split_tokens (131,072) 4.0 times; "
         "raise distill_split_tokens to 524,288 to see each sequence once",
     ]
-    assert RunConfig.parse(search_split_tokens=614_400, distill_split_tokens=524_288).repeat_warnings() == []
-    out = call_detect_release(tmp_path, mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert RunConfig.parse(search_split_tokens=647_168, distill_split_tokens=524_288).repeat_warnings() == []
+    # One token of budget more than the training part holds repeats it: the held-back part is not for training.
+    assert len(RunConfig.parse(search_budget_tokens=614_401).repeat_warnings()) == 1
+    out = call_detect_release(tmp_path, mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", **small)
     assert f"- **Repeated data:** {warnings[0]}" in out.plan

@@ -83,13 +83,21 @@ def tiny_model(family: str, seed: int = 0):
 
 
 def save_tiny_qwen3_with_reference_tokenizer(
-    out_dir, reference_dir, *, embed_scale: float = 1.0, identity_layers: tuple[int, ...] = ()
+    out_dir,
+    reference_dir,
+    *,
+    embed_scale: float = 1.0,
+    identity_layers: tuple[int, ...] = (),
+    num_layers: int = 6,
+    layer_scales: dict[int, float] | None = None,
 ):
-    """A 6-layer Qwen3 with the reference vocabulary and tokenizer, saved to ``out_dir``.
+    """A ``num_layers``-layer Qwen3 with the reference vocabulary and tokenizer, saved to ``out_dir``.
 
     ``embed_scale`` > 1 sharpens its distributions (a flat teacher makes every KL near zero);
     ``identity_layers`` write nothing to the residual stream, so every sensible selector must
-    remove them. Data, caches and steps then run on it exactly as on a real checkpoint.
+    remove them; ``layer_scales`` multiplies what a layer writes to the residual stream (its
+    attention and MLP output projections), so a large scale makes skipping that layer catastrophic.
+    Data, caches and steps then run on it exactly as on a real checkpoint.
     """
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
@@ -100,7 +108,7 @@ def save_tiny_qwen3_with_reference_tokenizer(
             vocab_size=len(tok),
             hidden_size=32,
             intermediate_size=64,
-            num_hidden_layers=6,
+            num_hidden_layers=num_layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=8,
@@ -115,6 +123,9 @@ def save_tiny_qwen3_with_reference_tokenizer(
         for l in identity_layers:
             model.model.layers[l].self_attn.o_proj.weight.zero_()
             model.model.layers[l].mlp.down_proj.weight.zero_()
+        for l, scale in (layer_scales or {}).items():
+            model.model.layers[l].self_attn.o_proj.weight.mul_(scale)
+            model.model.layers[l].mlp.down_proj.weight.mul_(scale)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir

@@ -82,7 +82,7 @@ def detect_release(
         source_revision: Pin a release (hub branch, tag or commit; S3 version folder name; content sha256); empty: the newest.
         registered_model_name: MLflow registered model that gets the new version (alias challenger).
         storage_prefix: s3://bucket/prefix for step data (work/) and the exported model (models/); empty keeps everything in KFP artifacts (small models only).
-        data_sources: comma-separated data sources (jsonl/parquet/text files, hub dataset ids, builtin:reference) or a JSON list of {uri, weight, text_field, messages_field, split}.
+        data_sources: comma-separated data sources (jsonl/parquet/text files, hub dataset ids, builtin:reference, builtin:reference-train) or a JSON list of {uri, weight, text_field, messages_field, split, splits}; the default samples eval from the reference model's held-out corpus and search and distill from its training files.
         lm_eval_tasks: comma-separated lm-evaluation-harness tasks (e.g. python_stdlib_cloze); empty: none.
         lm_eval_limit: Items per lm-eval task; 0: all.
         mlflow_experiment: MLflow experiment of the run.
@@ -90,8 +90,8 @@ def detect_release(
         gate_lm_eval_min: Promotion gate: JSON object of metric key to minimum, e.g. {"lm_eval.hellaswag.student.acc_norm": 0.5}; empty: none.
         force: Compress even when the registry holds this release at this ratio already.
         seq_len: Tokens per packed sequence; at most the model's positions.
-        search_split_tokens: Tokens sampled for the search split (0: empty split).
-        distill_split_tokens: Tokens sampled for the distill split (0: empty split).
+        search_split_tokens: Tokens sampled for the search split (0: empty split); the default holds the default search budget (614,400) once plus the 128 held-back sequences of 256 tokens that judge its final candidates.
+        distill_split_tokens: Tokens sampled for the distill split (0: empty split); the default holds the default distill budget once.
         eval_split_tokens: Tokens sampled for the eval split, for evaluation only, never for choices (0: empty split).
         sample_seed: Seed of the data sampler.
         allow_repeat: Let the sampler cycle a split's own documents when the sources are smaller than the budgets.

@@ -92,6 +92,17 @@ def is_heldout(path: str, every: int) -> bool:
     return int(hashlib.sha256(path.encode()).hexdigest()[:8], 16) % every == 0
 
 
+def train_documents(root: Path | None = None, every: int | None = None) -> list[Document]:
+    """The files ``build_reference_model`` trains on: the standard library's minus the held-out ones.
+
+    The same selection as the build (``stdlib_documents`` and ``is_heldout``, one file in
+    ``heldout_every`` held out by path hash), so with the Python the model was built with (its card
+    says which) these are exactly its training files, and never a held-out file whatever the Python.
+    """
+    every = every or ReferenceModelConfig.model_fields["heldout_every"].default
+    return [d for d in stdlib_documents(root) if not is_heldout(d.path, every)]
+
+
 def train_tokenizer(texts: list[str], vocab_size: int):
     """Byte-level BPE (GPT-2 style) trained with ``tokenizers``; returned as a HF fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -221,7 +232,7 @@ def build_reference_model(cfg: ReferenceModelConfig, output_dir: Path, stdlib_ro
     started = time.time()
 
     docs = stdlib_documents(stdlib_root)
-    train_docs = [d for d in docs if not is_heldout(d.path, cfg.heldout_every)]
+    train_docs = train_documents(stdlib_root, cfg.heldout_every)
     heldout_docs = [d for d in docs if is_heldout(d.path, cfg.heldout_every)]
     log.info("corpus: %d train files, %d held-out files", len(train_docs), len(heldout_docs))
 
