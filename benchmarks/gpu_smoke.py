@@ -309,11 +309,14 @@ def main() -> int:
         shutil.copytree(args.data, work / "data")
     else:
         from e3prune.data import SampleConfig, SourceSpec, sample_data
+        from e3prune.search import SearchConfig
 
+        seq_len = SampleConfig.model_fields["seq_len"].default
+        held_back = SearchConfig.model_fields["final_sequences"].default * seq_len  # the final selection's part
         sample_data(
             SampleConfig(
                 sources=[SourceSpec(uri="builtin:reference")],
-                search_tokens=args.search_tokens,
+                search_tokens=args.search_tokens + held_back,
                 distill_tokens=args.distill_tokens,
                 eval_tokens=32768,
                 output=str(work / "data"),
