@@ -135,6 +135,10 @@ class PlanConfig(StepConfig):
     distill_tokens: int = Field(_default("distill_budget_tokens"), ge=1, description="distillation budget (tokens)")
     top_k: int = Field(_default("top_k"), ge=1, description="teacher logits cached per token")
     teacher_batch_size: int = Field(_default("teacher_batch_size"), ge=1, description="sequences per teacher forward")
+    teacher_shards: int = Field(
+        _default("teacher_shards"), ge=1, le=256,
+        description="parallel teacher-logits tasks (pods), each with the GPUs the step needs; divides its time",
+    )  # fmt: skip
     search_batch_size: int = Field(_default("search_batch_size"), ge=1, description="sequences per search step")
     distill_batch_size: int = Field(
         _default("distill_batch_size"), ge=1, description="sequences per GPU per distillation micro-batch"
@@ -366,6 +370,9 @@ def plan(cfg: PlanConfig, shape: ModelShape | None = None) -> dict[str, Any]:
             continue
         w, sharded, rest = mem[name]
         step, need = _single_pod(name, w, sharded, rest, cfg, gpu, flops[name])
+        if name == "teacher-logits" and cfg.teacher_shards > 1:  # N pods, each a slice of the sequences
+            step.seconds /= cfg.teacher_shards
+            step.note += f"; {cfg.teacher_shards} tasks in parallel, {cfg.teacher_shards * need} GPUs in all"
         if need > MAX_GPUS_PER_NODE:
             problems.append(("gpu_type", f"{name} needs {need} {gpu.name} on one node (a node has at most "
                              f"{MAX_GPUS_PER_NODE}): {_gib(w)} of weights + {_gib(sharded + rest)} working"))  # fmt: skip

@@ -109,3 +109,14 @@ def test_cpu_mode_is_fp32_and_unsharded():
     shape = model_shape(CONFIGS / "qwen3-8b")
     assert steps["teacher-logits"]["parts_gib"]["weights"] == pytest.approx(4 * shape.params / 2**30, rel=1e-3)
     assert steps["distill"]["memory_bytes"] > 16 * shape.student_params(9)
+
+
+def test_teacher_shards_divide_the_teacher_time_and_say_how_many_gpus_in_all():
+    one, four = (
+        {s["step"]: s for s in plan(PlanConfig.parse(model=str(CONFIGS / "qwen3-8b"), teacher_shards=n))["steps"]}
+        for n in (1, 4)
+    )
+    assert four["teacher-logits"]["seconds"] == pytest.approx(one["teacher-logits"]["seconds"] / 4, abs=0.1)  # rounded
+    assert four["teacher-logits"]["memory_bytes"] == one["teacher-logits"]["memory_bytes"]  # each task holds the teacher
+    assert "4 tasks in parallel" in four["teacher-logits"]["note"]
+    assert four["search"] == one["search"] and four["distill"] == one["distill"]
