@@ -19,6 +19,7 @@ import ast
 import copy
 import importlib.metadata
 import json
+import os
 import re
 import socket
 import sys
@@ -397,6 +398,9 @@ def embedded_script(command: list[str]) -> str:
 
 def test_submits_a_valid_trainjob_streams_its_log_and_returns_the_summary(kube, s3, monkeypatch):
     monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)  # the machine's own; the S3 server here is plain HTTP
+    for var in [v for v in os.environ if v.startswith("HF_")]:  # e.g. lm_eval's import sets HF_XET_HIGH_PERFORMANCE
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.mlops.svc")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.mlops.svc:5000")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", MLFLOW_PASSWORD)
     monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/run/secrets/eks.amazonaws.com/token")
@@ -433,7 +437,8 @@ def test_submits_a_valid_trainjob_streams_its_log_and_returns_the_summary(kube, 
     # plain settings by value; secrets by reference to the pipeline's Secret; the step's IRSA paths not at all
     env = {e["name"]: e["value"] for e in t["env"]}
     assert set(env) - set(trainjob.FSDP_ENV) == {"AWS_ENDPOINT_URL", "AWS_REGION", "AWS_CONFIG_FILE",
-                                                 "AWS_SHARED_CREDENTIALS_FILE", "MLFLOW_TRACKING_URI"}  # fmt: skip
+                                                 "AWS_SHARED_CREDENTIALS_FILE", "MLFLOW_TRACKING_URI",
+                                                 "HF_ENDPOINT"}  # fmt: skip
     assert {k: env[k] for k in trainjob.FSDP_ENV} == trainjob.FSDP_ENV  # GPUs: FSDP, as fsdp_gpu.yaml
     container = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     assert container["name"] == "node"
