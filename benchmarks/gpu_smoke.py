@@ -80,35 +80,20 @@ def leg(name: str, work: Path, args) -> None:
             TeacherLogitsConfig(data=str(data), output=str(out / "teacher"), device=device, overwrite=True)
         ),
     )
-    found = timed(
-        "search",
-        lambda: search_mask(
+
+    def search(cache: Path, output: str) -> dict:
+        return search_mask(
             SearchConfig(
-                teacher_cache=str(out / "teacher"),
-                output=str(out / "search"),
-                remove_ratio=0.25,
-                search_tokens=args.search_tokens,
-                device=device,
-                overwrite=True,
+                teacher_cache=str(cache), output=str(out / output), remove_ratio=0.25,
+                search_tokens=args.search_tokens, device=device, overwrite=True,
             )
-        ),
-    )
+        )  # fmt: skip
+
+    found = timed("search", lambda: search(out / "teacher", "search"))
     keep = json.loads((cpu / "search" / "search.json").read_text())["keep"]
     alternatives = {}
     if name == "cuda":  # separate the cache's numerics from the search's: search the CPU leg's cache too
-        on_cpu_cache = timed(
-            "search (CPU leg's cache)",
-            lambda: search_mask(
-                SearchConfig(
-                    teacher_cache=str(cpu / "teacher"),
-                    output=str(out / "search-cpu-cache"),
-                    remove_ratio=0.25,
-                    search_tokens=args.search_tokens,
-                    device=device,
-                    overwrite=True,
-                )
-            ),
-        )
+        on_cpu_cache = timed("search (CPU leg's cache)", lambda: search(cpu / "teacher", "search-cpu-cache"))
         alternatives["keep_on_cpu_cache"] = on_cpu_cache["keep"]
         if found["keep"] != keep:  # how much the other set costs: held-out perplexity of each, same device
             harden_checkpoint(

@@ -362,10 +362,7 @@ def download_verified(uri: str, target: Path, expected: dict[str, Any], field: s
     sha256 match, so ``target`` never holds an unverified or partial file. A mismatch (an object
     changed or replaced after it was published) is an error and leaves nothing behind.
     """
-    bucket, _, key = str(uri)[len("s3://") :].partition("/")
-    if not bucket or not key:
-        raise E3PruneError(f"{uri!r} is not an s3://bucket/key object URI", field=field)
-    check_relative_key(key, uri, field)
+    bucket, key = split_s3(uri, field)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:

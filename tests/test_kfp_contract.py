@@ -16,7 +16,7 @@ import threading
 import uuid
 from email.parser import BytesParser
 from email.policy import HTTP
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import kfp_server_api
 import pytest
 import yaml
+from fake_http import serving
 from kfp import compiler, dsl
 
 from e3prune import __version__
@@ -271,13 +272,8 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def kfp_server():
     fake = FakeKFP()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Handler,), {"kfp": fake}))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    yield fake
-    server.shutdown()
-    server.server_close()
+    with serving(_Handler, kfp=fake) as fake.url:
+        yield fake
     # (a) every request the client made is a real v2beta1 endpoint, (b) every body is its model
     for r in fake.requests:
         assert r.template is not None, f"{r.method} {r.path} is not a KFP v2beta1 endpoint"

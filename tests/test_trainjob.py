@@ -27,13 +27,14 @@ import threading
 import time
 import zipfile
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import test_distill
+from fake_http import serving
 from kubeflow.trainer import KubernetesBackendConfig, LocalProcessBackendConfig, TrainerClient
 from kubeflow.trainer.constants import constants as tc
 from kubeflow_trainer_api import models
@@ -334,13 +335,8 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def kube():
     fake = FakeKube()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Handler,), {"kube": fake}))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    yield fake
-    server.shutdown()
-    server.server_close()
+    with serving(_Handler, kube=fake) as fake.url:
+        yield fake
     for r in fake.requests:  # every request is one the SDK's backend is meant to make
         assert any(r.method == m and re.fullmatch(p, r.path) for m, p in ENDPOINTS), f"{r.method} {r.path}"
 
