@@ -24,18 +24,15 @@ from e3prune.data import SampleConfig, load_split, sample_data
 from e3prune.data_sources import builtin_corpus, reference_train_dataset
 from e3prune.model_io import load_tokenizer
 from e3prune.reference import MODEL_DIR
-from e3prune.reference.build import train_documents
+from e3prune.reference.build import encode_stream, train_documents
 
 HERE = Path(__file__).resolve().parent
 WINDOWS = (16, 32, 64)
 
 
 def token_stream(tokenizer, texts: list[str]) -> np.ndarray:
-    ids: list[int] = []
-    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids.extend(enc)
-        ids.append(tokenizer.eos_token_id)
-    return np.array(ids, dtype=np.int64)
+    """The documents as the build tokenizes them (each followed by EOS), as a numpy array."""
+    return encode_stream(tokenizer, texts).numpy()
 
 
 def window_hashes(ids: np.ndarray, n: int) -> np.ndarray:

@@ -26,7 +26,6 @@ A run at the very start has no kept layer before it and is left uncorrected (rec
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -293,14 +292,10 @@ def calibration_input_ids(uri: str, tokens: int) -> torch.Tensor:
     from e3prune.data import load_split
     from e3prune.teacher import TeacherTopK
 
-    root = storage.input_dir(uri, field="calibration_data")
-    path = root / "manifest.json"
-    if not path.is_file():
-        raise E3PruneError(
-            f"{uri} has no manifest.json; give sampled data (`e3prune sample`) or a teacher cache",
-            field="calibration_data",
-        )
-    manifest = json.loads(path.read_text())
+    # The manifest alone (an s3:// teacher cache is streamed by TeacherTopK, never downloaded whole here).
+    manifest = storage.read_manifest_only(
+        uri, "manifest.json", "calibration_data", "give sampled data (`e3prune sample`) or a teacher cache"
+    )
     is_cache = manifest.get("kind") == "teacher_cache" or "top_k" in manifest
     if is_cache:
         cache = TeacherTopK(uri)
