@@ -79,6 +79,47 @@ def test_builder_is_deterministic_and_writes_a_loadable_card(tmp_path):
     assert model.config.num_hidden_layers == 2
 
 
+def test_validation_build_options_give_a_llama_model_with_its_own_clean_split(tmp_path):
+    """The second validation model's options (benchmarks/validation_model.py): Llama layout with untied
+    embeddings, another split salt (another held-out set), and no training file that is a near-copy of a
+    held-out file; its training files are written beside it for sampling search and distill data."""
+    import gzip
+    import sysconfig
+    from pathlib import Path
+
+    from e3prune.data_sources import NEAR_COPY_SHARE, _word_ngrams
+    from e3prune.reference.build import is_heldout, stdlib_documents
+
+    root = Path(sysconfig.get_paths()["stdlib"]) / "encodings"  # the codec tables: near-copies of each other
+    cfg = ReferenceModelConfig(
+        architecture="llama", split_salt="validation", exclude_near_copies=True,
+        num_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, vocab_size=512, seq_len=64, batch_size=4, train_steps=2, warmup_steps=1, heldout_every=4,
+        heldout_tokens=2048, log_every_steps=1,
+    )  # fmt: skip
+    summary = build_reference_model(cfg, tmp_path / "m", stdlib_root=root)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.config.tie_word_embeddings
+
+    def read(name):
+        with gzip.open(tmp_path / "m" / name, "rt") as fh:
+            return [json.loads(line) for line in fh]
+
+    heldout, train = read("heldout_corpus.jsonl.gz"), read("train_corpus.jsonl.gz")
+    paths = [d.path for d in stdlib_documents(root)]
+    assert [d["path"] for d in heldout] == [p for p in paths if is_heldout(p, 4, "validation")]
+    assert {d["path"] for d in heldout} != {p for p in paths if is_heldout(p, 4)}, "the salt should move the split"
+    grams = set().union(*(_word_ngrams(d["text"]) for d in heldout))
+    dropped = [p for p in paths if not is_heldout(p, 4, "validation") and p not in {d["path"] for d in train}]
+    assert dropped, "the codec tables should have near-copies to leave out"
+    for d in train:
+        own = _word_ngrams(d["text"])
+        assert not own or len(own & grams) <= NEAR_COPY_SHARE * len(own)
+    assert summary["corpus"]["train_files"] == len(train)
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "LlamaForCausalLM" in card and "salt `validation`" in card and "near-copies" in card
+
+
 def test_cli_inspect_and_reference_path(reference_dir):
     out = subprocess.run(
         [sys.executable, "-m", "e3prune.cli", "reference-model", "path"],

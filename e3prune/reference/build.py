@@ -22,6 +22,7 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -63,6 +64,17 @@ class ReferenceModelConfig(StepConfig):
     log_every_steps: int = Field(100, ge=1)
     threads: int = Field(2, ge=1)
     seed: int = 0
+    architecture: Literal["qwen3", "llama"] = Field(
+        "qwen3", description="qwen3 (the shipped model: tied embeddings, q/k norm) or llama (untied)"
+    )
+    split_salt: str = Field(
+        "", description="mixed into the path hash that holds files out: another salt is another split"
+    )
+    exclude_near_copies: bool = Field(
+        False,
+        description="leave out of training every file that is a near-copy of a held-out file (word 16-grams), "
+        "so held-out text is not seen text; also writes train_corpus.jsonl.gz",
+    )
 
 
 @dataclass(frozen=True)
@@ -87,9 +99,25 @@ def stdlib_documents(root: Path | None = None) -> list[Document]:
     return docs
 
 
-def is_heldout(path: str, every: int) -> bool:
-    """Stable split: a file is held out when the hash of its relative path says so."""
-    return int(hashlib.sha256(path.encode()).hexdigest()[:8], 16) % every == 0
+def is_heldout(path: str, every: int, salt: str = "") -> bool:
+    """Stable split: a file is held out when the hash of its relative path (after ``salt``) says so."""
+    return int(hashlib.sha256((salt + path).encode()).hexdigest()[:8], 16) % every == 0
+
+
+def without_near_copies(docs: list[Document], heldout_texts: list[str]) -> list[Document]:
+    """``docs`` less every file that is a near-copy of a held-out text (the 16-gram rule of
+    ``builtin:reference-train``, :data:`e3prune.data_sources.NEAR_COPY_SHARE`)."""
+    from e3prune.data_sources import NEAR_COPY_SHARE, _word_ngrams
+
+    heldout: set[int] = set()
+    for text in heldout_texts:
+        heldout |= _word_ngrams(text)
+    kept = []
+    for d in docs:
+        grams = _word_ngrams(d.text)
+        if not grams or len(grams & heldout) <= NEAR_COPY_SHARE * len(grams):
+            kept.append(d)
+    return kept
 
 
 def train_documents(root: Path | None = None, every: int | None = None) -> list[Document]:
@@ -144,9 +172,10 @@ def lr_at(step: int, cfg: ReferenceModelConfig) -> float:
 
 
 def make_model(cfg: ReferenceModelConfig, tokenizer):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if cfg.architecture == "llama" else (Qwen3Config, Qwen3ForCausalLM)
+    config = config_cls(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -155,12 +184,12 @@ def make_model(cfg: ReferenceModelConfig, tokenizer):
         num_key_value_heads=cfg.num_key_value_heads,
         head_dim=cfg.head_dim,
         max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.architecture == "qwen3",
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
     )
-    return Qwen3ForCausalLM(config)
+    return model_cls(config)
 
 
 @torch.no_grad()
@@ -232,8 +261,12 @@ def build_reference_model(cfg: ReferenceModelConfig, output_dir: Path, stdlib_ro
     started = time.time()
 
     docs = stdlib_documents(stdlib_root)
-    train_docs = train_documents(stdlib_root, cfg.heldout_every)
-    heldout_docs = [d for d in docs if is_heldout(d.path, cfg.heldout_every)]
+    train_docs = [d for d in docs if not is_heldout(d.path, cfg.heldout_every, cfg.split_salt)]
+    heldout_docs = [d for d in docs if is_heldout(d.path, cfg.heldout_every, cfg.split_salt)]
+    if cfg.exclude_near_copies:
+        before = len(train_docs)
+        train_docs = without_near_copies(train_docs, [d.text for d in heldout_docs])
+        log.info("left out %d training files that are near-copies of held-out files", before - len(train_docs))
     log.info("corpus: %d train files, %d held-out files", len(train_docs), len(heldout_docs))
 
     tokenizer = train_tokenizer([d.text for d in train_docs], cfg.vocab_size)
@@ -262,6 +295,7 @@ def build_reference_model(cfg: ReferenceModelConfig, output_dir: Path, stdlib_ro
     order = torch.randperm(n_seq, generator=gen)
     pos = 0
     history = []
+    skipped: list[int] = []
     model.train()
     t0 = time.time()
     for step in range(cfg.train_steps):
@@ -274,7 +308,13 @@ def build_reference_model(cfg: ReferenceModelConfig, output_dir: Path, stdlib_ro
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not torch.isfinite(norm):
+            # A non-finite gradient would make every weight NaN through the clip and AdamW (the Llama
+            # validation model hit one late in training): skip the update, as a loss scaler does.
+            skipped.append(step)
+            log.warning("step %d: non-finite gradient norm; update skipped", step)
+            continue
         opt.step()
         if step % cfg.log_every_steps == 0 or step == cfg.train_steps - 1:
             elapsed = time.time() - t0
@@ -291,6 +331,8 @@ def build_reference_model(cfg: ReferenceModelConfig, output_dir: Path, stdlib_ro
     model.eval()
 
     heldout_ppl = perplexity(model, heldout, cfg.seq_len)
+    if not math.isfinite(heldout_ppl):
+        raise E3PruneError(f"training diverged: held-out perplexity {heldout_ppl}; nothing was written", field="learning_rate")
     demo = _importance_demo(model, heldout, cfg.seq_len, cfg.seed)
     log.info("held-out perplexity %.2f", heldout_ppl)
 
@@ -300,9 +342,13 @@ def build_reference_model(cfg: ReferenceModelConfig, output_dir: Path, stdlib_ro
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     save_file({"input_ids": heldout.to(torch.int32).contiguous()}, str(output_dir / "heldout_tokens.safetensors"))
-    with gzip.GzipFile(output_dir / "heldout_corpus.jsonl.gz", "wb", mtime=0) as fh:
-        for d in heldout_docs:
-            fh.write((json.dumps({"path": d.path, "text": d.text}) + "\n").encode())
+    corpora = {"heldout_corpus.jsonl.gz": heldout_docs}
+    if cfg.exclude_near_copies:  # its training text, for search and distillation data of its own split
+        corpora["train_corpus.jsonl.gz"] = train_docs
+    for name, corpus in corpora.items():
+        with gzip.GzipFile(output_dir / name, "wb", mtime=0) as fh:
+            for d in corpus:
+                fh.write((json.dumps({"path": d.path, "text": d.text}) + "\n").encode())
     summary = {
         "config": cfg.model_dump(),
         "parameters": n_params,
@@ -319,6 +365,7 @@ def build_reference_model(cfg: ReferenceModelConfig, output_dir: Path, stdlib_ro
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "heldout_perplexity": heldout_ppl,
+        "skipped_steps": skipped,
         "importance_demo": demo,
         "history": history,
     }
@@ -332,22 +379,32 @@ def render_card(s: dict) -> str:
     demo = s["importance_demo"]
     rnd = demo["random"]
     rnd_mean = sum(r["ppl"] for r in rnd) / len(rnd)
+    arch = {"qwen3": "Qwen3", "llama": "Llama"}[cfg.get("architecture", "qwen3")]
+    tied = "tied embeddings" if cfg.get("architecture", "qwen3") == "qwen3" else "untied embeddings"
     lines = [
         "# e3prune reference model",
         "",
-        "A small Qwen3-architecture causal LM that e3-pruner trains itself (`e3prune reference-model build`),",
-        "because no model can be downloaded where the project is built and tested. It is the embedded",
-        "default of the demo, the tests that need real weights, and the benchmarks.",
+        f"A small {arch}-architecture causal LM that e3-pruner trains itself (`e3prune reference-model build`),",
+        "because no model can be downloaded where the project is built and tested. "
+        + (
+            "This one is the second, independent validation model of the benchmarks "
+            "(`benchmarks/validation_model.py`): it checks their claims and is never used to tune."
+            if cfg.get("split_salt")
+            else "It is the embedded default of the demo, the tests that need real weights, and the benchmarks."
+        ),
         "",
         "| | |",
         "|---|---|",
-        f"| architecture | `Qwen3ForCausalLM`, {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, "
+        f"| architecture | `{arch}ForCausalLM`, {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, "
         f"MLP {cfg['intermediate_size']}, {cfg['num_attention_heads']} heads / {cfg['num_key_value_heads']} KV heads |",
-        f"| parameters | {s['parameters']:,} (tied embeddings), fp32 |",
+        f"| parameters | {s['parameters']:,} ({tied}), fp32 |",
         f"| tokenizer | byte-level BPE, {cfg['vocab_size']} tokens, trained with `tokenizers`; EOS `{EOS}` |",
         f"| corpus | Python {s['corpus']['python']} standard library `.py` files (tests excluded): "
         f"{s['corpus']['train_files']} train files ({s['corpus']['train_tokens']:,} tokens), "
-        f"{s['corpus']['heldout_files']} held-out files (1 in {cfg['heldout_every']} by path hash) |",
+        f"{s['corpus']['heldout_files']} held-out files (1 in {cfg['heldout_every']} by path hash"
+        + (f", salt `{cfg['split_salt']}`" if cfg.get("split_salt") else "")
+        + ("; training files that are near-copies of held-out files left out" if cfg.get("exclude_near_copies") else "")
+        + ") |",
         f"| training | {s['trained_tokens']:,} tokens: {cfg['train_steps']} steps × {cfg['batch_size']} × {cfg['seq_len']}, "
         f"AdamW lr {cfg['learning_rate']} warmup {cfg['warmup_steps']} + cosine, seed {cfg['seed']} |",
         f"| time | {s['train_seconds'] / 60:.1f} min training, {s['total_seconds'] / 60:.1f} min in all, "
