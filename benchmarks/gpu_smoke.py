@@ -85,7 +85,7 @@ def leg(name: str, work: Path, args) -> None:
         return search_mask(
             SearchConfig(
                 teacher_cache=str(cache), output=str(out / output), remove_ratio=0.25,
-                search_tokens=args.search_tokens, device=device, overwrite=True,
+                search_tokens=args.search_tokens, device=device, overwrite=True, selection_method="e3",
             )
         )  # fmt: skip
 

@@ -125,6 +125,7 @@ def main() -> None:
                 SearchConfig(
                     teacher_cache=str(cache), output=str(work / f"search-{ratio}"), remove_ratio=ratio,
                     search_tokens=args.search_tokens, final_sequences=args.pool, seed=args.seed, overwrite=True,
+                    selection_method="e3",
                 )
             )  # fmt: skip
             assert res["held_back_sequences"] == args.pool

@@ -56,7 +56,9 @@ def prepare(args) -> tuple[Path, Path, Path, dict]:
     if not (cache / "manifest.json").is_file():
         teacher_logits(TeacherLogitsConfig(data=str(data), output=str(cache), splits=["search", "distill"]))
     if not (search / "search.json").is_file():
-        search_mask(SearchConfig(teacher_cache=str(cache), output=str(search), remove_ratio=0.25))
+        search_mask(
+            SearchConfig(teacher_cache=str(cache), output=str(search), remove_ratio=0.25, selection_method="e3")
+        )
     found = json.loads((search / "search.json").read_text())
     if not (pruned / "pruning.json").is_file():
         harden_checkpoint(

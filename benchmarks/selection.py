@@ -5,19 +5,25 @@ every selector the held-out perplexity of the pruned model (no distillation), it
 tokens it read and its compute in layer-tokens (a forward of T tokens through k computed layers
 costs k·T; an activation-only backward counts like a forward).
 
-Protocol. Data comes from the built-in held-out corpus through the sample step: a *search* split
-(what every selector may look at, and the only split any hyperparameter was chosen on) and a
-disjoint *eval* split (perplexity reported here, never used for a choice). The teacher top-K cache
-covers the search split. Selectors that need calibration data get the first
-``--calibration-sequences`` sequences of the search split; the E³ search reads its whole budget
-from the search split.
+Protocol. Data comes through the sample step as the pipeline samples it: a *search* split from the
+model's training files (``builtin:reference-train``; what every selector may look at, and the only
+split any hyperparameter was chosen on), sized like the pipeline's (the search budget plus the
+128 held-back sequences), and a disjoint *eval* split from its held-out files (perplexity reported
+here, never used for a choice). The teacher top-K cache covers the search split. Selectors that
+need calibration data get the first ``--calibration-sequences`` sequences of the search split; the
+E³ search reads its budget from the split's training part and scores its final candidates on the
+held-back part, which is also where every row's "search-split KL" is measured.
+
+With ``--validation``, the same on the validation model (``benchmarks/validation_model.py``), with
+its own held-out and training files.
 
 With ``--small``, the same on a 12-layer variant of the reference model (built on first use,
 ~15 min on 2 cores, cached under benchmarks/.cache) adds the exhaustive optimum over all C(12, n)
-removal sets, scored by the same KL on the whole search split.
+removal sets, scored by the same KL on the held-back part.
 
     python benchmarks/selection.py                 # 24 layers, 25 % and 40 %
     python benchmarks/selection.py --small         # 12 layers, with the exhaustive optimum
+    python benchmarks/selection.py --validation    # the validation model (Llama, 20 layers)
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from e3prune.teacher import TeacherLogitsConfig, TeacherTopK, teacher_logits
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
+sys.path.insert(0, str(HERE))  # end_to_end (the data sources of each model), validation_model
 
 
 @torch.no_grad()
@@ -68,12 +75,14 @@ def small_model() -> Path:
     return path
 
 
-def prepare(model_dir: Path, work: Path, search_tokens: int, eval_tokens: int) -> tuple[Path, Path]:
+def prepare(
+    model_dir: Path, work: Path, search_tokens: int, eval_tokens: int, sources: list[dict]
+) -> tuple[Path, Path]:
     data, cache = work / "data", work / "teacher"
     if not (data / "manifest.json").is_file():
         sample_data(
             SampleConfig(
-                sources=[SourceSpec(uri="builtin:reference")],
+                sources=[SourceSpec.model_validate(x) for x in sources],
                 tokenizer=str(model_dir),
                 search_tokens=search_tokens,
                 distill_tokens=0,
@@ -88,20 +97,24 @@ def prepare(model_dir: Path, work: Path, search_tokens: int, eval_tokens: int) -
 
 def run(model_dir: Path, ratios: list[float], args, exhaustive: bool) -> list[dict]:
     # The sampled data and its teacher cache are kept per split size (the default keeps its old name).
-    sizes = (
-        ""
-        if (args.search_tokens, args.eval_tokens) == (65536, 65536)
-        else f"-s{args.search_tokens}-e{args.eval_tokens}"
-    )
-    work = CACHE / f"selection-{model_dir.name}{sizes}"
-    data, cache_dir = prepare(model_dir, work, args.search_tokens, args.eval_tokens)
+    from end_to_end import sources
+
+    # The pipeline's data: eval from the model's held-out files, search from its training files.
+    work = CACHE / f"selection-{model_dir.name}-train-s{args.search_tokens}-e{args.eval_tokens}"
+    data, cache_dir = prepare(
+        model_dir, work, args.search_tokens, args.eval_tokens,
+        sources("validation" if args.validation else "reference", model_dir),
+    )  # fmt: skip
     model = load_causal_lm(model_dir, "float32")
     L = model.config.num_hidden_layers
     eval_ids = load_split(str(data), "eval")
     cache = TeacherTopK(str(cache_dir))
     search = cache.load("search")
     calib = Calibration.from_batch(search, args.calibration_sequences)
-    full = Calibration.from_batch(search)
+    # The search-split KL of every row (and the exhaustive optimum) on the split's held-back part, the
+    # last final_sequences sequences: what the search's final selection and `best` score on.
+    held = SearchConfig.model_fields["final_sequences"].default
+    full = Calibration.from_batch({k: v[-held:] for k, v in search.items()})
     previous = {}
     if args.reuse_baselines:
         for r in json.loads((HERE / "results" / f"{args.name}.json").read_text())["rows"]:
@@ -163,6 +176,7 @@ def run(model_dir: Path, ratios: list[float], args, exhaustive: bool) -> list[di
                 model=str(model_dir),
                 teacher_cache=str(cache_dir),
                 output=str(out),
+                selection_method="e3",
                 remove_ratio=ratio,
                 search_tokens=args.e3_tokens,
                 init_sequences=args.e3_init_sequences,
@@ -178,7 +192,9 @@ def run(model_dir: Path, ratios: list[float], args, exhaustive: bool) -> list[di
                 res["keep"],
                 res["removed"],
                 seconds=res["seconds"],
-                tokens=res["search_tokens"] + res["config"]["init_sequences"] * cache.seq_len,
+                # training steps + the KL initialisation + the held-back sequences of the final selection
+                tokens=res["search_tokens"]
+                + (res["config"]["init_sequences"] + res["held_back_sequences"]) * cache.seq_len,
                 layer_tokens=res["layer_tokens"],
                 chosen_from=res["chosen_from"],
             )
@@ -197,8 +213,8 @@ def render(rows: list[dict], title: str, args, model_dir: Path) -> str:
         f"candidates scored on {args.e3_final_sequences} sequences, seed {args.seed}, otherwise the default `SearchConfig`.",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
         "",
-        "Search-split KL: mean KL(teacher top-10 ‖ pruned) over the whole search split, the objective every",
-        "KL-based selector optimises (the only signal used to choose a setting). Baseline wall times marked *",
+        "Search-split KL: mean KL(teacher top-10 ‖ pruned) on the search split's held-back part (its last 128",
+        "sequences), the objective every KL-based selector optimises. Baseline wall times marked *",
         "come from an earlier run of this script on the same machine (their choices are deterministic).",
         "",
         "| removed | method | layers removed | held-out ppl | search-split KL | wall s | tokens read | layer-tokens |",
@@ -221,7 +237,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="12-layer variant with the exhaustive optimum")
     ap.add_argument("--ratios", default="0.25,0.4")
-    ap.add_argument("--search-tokens", type=int, default=65536, help="size of the search split")
+    ap.add_argument(
+        "--search-tokens",
+        type=int,
+        default=SampleConfig.model_fields["search_tokens"].default,
+        help="size of the search split (default: the pipeline's, the search budget plus the held-back part)",
+    )
+    ap.add_argument("--validation", action="store_true", help="the validation model (benchmarks/validation_model.py)")
     ap.add_argument("--eval-tokens", type=int, default=65536)
     ap.add_argument("--calibration-sequences", type=int, default=16)
     ap.add_argument("--e3-tokens", type=int, default=SearchConfig.model_fields["search_tokens"].default)
@@ -246,16 +268,27 @@ def main() -> None:
         "recompute their perplexity and search-split KL, and rerun only the E³ search",
     )
     args = ap.parse_args()
-    args.name = "selection-12L" if args.small else "selection"
-    if args.search_tokens != 65536 and not args.small:
-        args.name = f"selection-search{args.search_tokens // 1024}k"
+    args.name = "selection-12L" if args.small else "selection-validation" if args.validation else "selection"
+    if args.search_tokens != SampleConfig.model_fields["search_tokens"].default and not args.small:
+        args.name += f"-search{args.search_tokens // 1024}k"  # another split size keeps its own file
     torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
-    model_dir = small_model() if args.small else MODEL_DIR
+    if args.validation:
+        from validation_model import validation_model
+
+        model_dir = validation_model()
+    else:
+        model_dir = small_model() if args.small else MODEL_DIR
     started = time.time()
     rows = run(model_dir, ratios, args, exhaustive=args.small)
     name = args.name
-    title = "Layer selection, 12-layer variant (with the exhaustive optimum)" if args.small else "Layer selection"
+    title = (
+        "Layer selection, 12-layer variant (with the exhaustive optimum)"
+        if args.small
+        else "Layer selection, validation model (Llama, 20 layers; never used to tune)"
+        if args.validation
+        else "Layer selection"
+    )
     text = (
         render(rows, title, args, model_dir) + f"\nTotal benchmark time {time.time() - started:.0f} s. "
         f"Command: `python benchmarks/selection.py {' '.join(sys.argv[1:])}`\n"

@@ -47,6 +47,7 @@ def main() -> None:
                     model=str(MODEL_DIR),
                     teacher_cache=str(work / "teacher"),
                     output=f"{tmp}/search",
+                    selection_method="e3",
                     remove_ratio=RATIO,
                     ce_weight=ce_weight,
                     seed=0,

@@ -98,7 +98,7 @@ def start(args: argparse.Namespace, cache: Path, out: Path, cpu: int | None, env
     tokens = args.steps * args.batch_size * args.seq_len
     cmd = [sys.executable, "-m", "e3prune.cli", "-v", "search", "--model", args.model, "--teacher-cache", str(cache),
            "--output", str(out), "--state", str(out.with_name(out.name + "-state")), "--search-tokens", str(tokens),
-           "--batch-size", str(args.batch_size), "--init", "zeros", "--no-final-selection", "--overwrite"]  # fmt: skip
+           "--batch-size", str(args.batch_size), "--init", "zeros", "--no-final-selection", "--selection-method", "e3", "--overwrite"]  # fmt: skip
     pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
     return subprocess.Popen(cmd, env=child_env(env), preexec_fn=pin, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip

@@ -90,7 +90,10 @@ class DistillConfig(StepConfig):
     teacher_cache: str = Field(description="output of the teacher-logits step (must include the distill split)")
     output: str = Field(description="where to write the distilled checkpoint (local directory or s3:// URI)")
     loss: Annotated[LossKind, PipelineParameter("distill_loss")] = Field(
-        "kd", description="kd (plain top-K KD, best measured), entropy_kd (E³ entropy-aware, Stage 5) or ce (CE only)"
+        "kd",
+        description="kd (plain top-K KD; the default: tied with entropy_kd on held-out perplexity over two models, "
+        "closer to the teacher on both, benchmarks/results/end-to-end.md), entropy_kd (E³ entropy-aware, Stage 5; "
+        "better where the teacher is weak on the text) or ce (CE only)",
     )
     gamma: float = Field(1.0, ge=0, le=10, description="γ: exponent of the entropy weight (ε + h)^γ")
     epsilon: float = Field(0.1, gt=0, le=10, description="ε: floor of the entropy weight; confident tokens still count")

@@ -64,11 +64,41 @@ def model_card(pruning: dict[str, Any], metrics: dict[str, Any] | None, cfg: Exp
         f"method `{pruning.get('method')}`, then distilled from the teacher's top-K logits."
     )
     lines += ["", f"Kept layers: `{kept}`", f"Removed layers: `{pruning.get('removed_layers')}`", ""]
+    lines += recovery_lines(pruning.get("distillation"))
     if metrics:
         from e3prune.report import summary_markdown
 
         lines += ["## Evaluation", "", summary_markdown(metrics)]
     return "\n".join(lines) + "\n"
+
+
+LOSS_NAMES = {
+    "kd": "plain top-K KD",
+    "entropy_kd": "E³'s entropy-aware top-K KD with the next-token CE term",
+    "ce": "next-token cross-entropy only",
+}
+
+
+def recovery_lines(distillation: dict[str, Any] | None) -> list[str]:
+    """The card's recovery section: the loss the student was distilled with, and when the other loss
+    may be better (docs/method.md, Stage 5: the two validation models disagree)."""
+    if not distillation:
+        return []
+    loss = distillation.get("loss")
+    lines = [
+        "## Recovery",
+        "",
+        f"Distilled with `{loss}` ({LOSS_NAMES.get(loss, loss)}; γ = {distillation.get('gamma')}, "
+        f"λ = {distillation.get('ce_weight')}) on {distillation.get('tokens', 0):,} tokens.",
+    ]
+    if loss == "kd":
+        lines.append(
+            "The paper's entropy-aware loss (`distill_loss: entropy_kd`) is an option, not the default: in "
+            "e3-pruner's end-to-end study it gave 3.5–5.3 % lower held-out perplexity on one model, whose "
+            "teacher was weak on the text, and 3.1–3.2 % higher on the other, with lower agreement with the "
+            "teacher on both. If the teacher's perplexity on your text is high, distil once with it and compare."
+        )
+    return lines + [""]
 
 
 def export_model(cfg: ExportConfig) -> dict[str, Any]:

@@ -74,8 +74,9 @@ class SearchConfig(StepConfig):
         0.25, description="fraction of decoder layers to remove, in (0, 1); rounded to whole layers"
     )
     selection_method: Annotated[SelectionMethod, PipelineParameter()] = Field(
-        "e3",
-        description="e3 (the Gumbel-TopK search), best (E³ or SLEB, whichever has the lower KL on held-back data) "
+        "best",
+        description="best (E³ and SLEB, whichever has the lower KL on held-back data; the default, "
+        "benchmarks/results/end-to-end.md), e3 (the Gumbel-TopK search alone) "
         "or a baseline: sleb, block_influence, angular, kl_oneshot, last, random",
     )
     search_tokens: Annotated[int, PipelineParameter("search_budget_tokens")] = Field(

@@ -102,7 +102,7 @@ def test_held_back_final_selection_never_scores_sequences_the_search_trained_on(
         init_sequences=40, final_sequences=FINAL,
     )  # fmt: skip
     with recording(monkeypatch, cache) as reads:
-        res = search_mask(SearchConfig(**cfg, output=str(tmp_path / "e3")))
+        res = search_mask(SearchConfig(**cfg, selection_method="e3", output=str(tmp_path / "e3")))
     assert res["held_back_sequences"] == FINAL and res["training_sequences"] == SPLIT - FINAL
     # 30 steps × 4 sequences read the 32 of the training part 3.75 times, and the search says so.
     assert (
@@ -133,5 +133,7 @@ def test_held_back_part_is_at_most_half_the_split_and_required():
     assert err.value.field == "teacher_cache"
     with pytest.raises(E3PruneError, match="keep final_selection true"):
         SearchConfig.parse(teacher_cache="c", output="o", selection_method="best", final_selection=False)
-    train, held = search.split_search_data(one, SearchConfig(teacher_cache="c", output="o", final_selection=False))
+    train, held = search.split_search_data(
+        one, SearchConfig(teacher_cache="c", output="o", selection_method="e3", final_selection=False)
+    )
     assert train["input_ids"].size(0) == 1 and held["input_ids"].size(0) == 0

@@ -27,6 +27,7 @@ PARAMS = {
     "eval_split_tokens": 2048,
     "search_budget_tokens": 64 * 8 * 150,  # 150 steps of 8 × 64; state saved every 25
     "distill_budget_tokens": 2048,
+    "selection_method": "e3",  # the search's own state is what is killed and resumed here
 }
 
 
@@ -105,9 +106,13 @@ def _a_lost_gate_runs_in_the_next_run(output: Path) -> None:
     third = subprocess.run(_command(output), env=_env(), capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
     assert f"gate only: registered as version {version.version} but its gate never ran" in third.stdout
-    assert "promoted to champion" in third.stdout
     again = client.get_model_version(version.name, version.version)
-    assert gate.gate_decision(again) == "promoted"
+    decision = gate.gate_decision(again)
+    if decision == "rejected":  # only the speed measurement of the first run, on a busy 2-core CI machine, may fail
+        assert gate.version_metrics(again).get(gate.SPEED_RELIABLE_METRIC) == 0.0, third.stdout[-3000:]
+        assert "rejected" in third.stdout
+    else:
+        assert decision == "promoted" and "promoted to champion" in third.stdout
     assert len(client.search_model_versions("name='e3-pruner-reference'")) == 1  # nothing compressed again
 
 

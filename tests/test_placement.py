@@ -164,7 +164,10 @@ def tiny_search_inputs(tmp_path_factory, reference_dir):
 def test_search_on_cpu_or_auto_loads_fp32_on_the_cpu(tiny_search_inputs, tmp_path):
     model, cache = tiny_search_inputs
     for device in ("cpu", "auto"):
-        cfg = SearchConfig(model=str(model), teacher_cache=str(cache), output=str(tmp_path / device), device=device)
+        cfg = SearchConfig(
+            model=str(model), teacher_cache=str(cache), output=str(tmp_path / device), device=device,
+            selection_method="e3",
+        )  # fmt: skip
         run = _set_up(cfg)
         assert run.input_device == torch.device("cpu")
         assert {(p.device.type, p.dtype) for p in run.model.parameters()} == {("cpu", torch.float32)}
@@ -197,7 +200,7 @@ def test_cli_search_device_cpu_runs_on_the_cpu(tiny_search_inputs, tmp_path):
     out = tmp_path / "search"
     proc = _e3prune("search", "--model", str(model), "--teacher-cache", str(cache), "--output", str(out),
                     "--device", "cpu", "--search-tokens", "256", "--batch-size", "4", "--init", "zeros",
-                    "--no-final-selection")  # fmt: skip
+                    "--no-final-selection", "--selection-method", "e3")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "search.json").read_text())
     assert result["config"]["device"] == "cpu" and len(result["keep"]) == 6 - round(0.25 * 6)

@@ -88,6 +88,7 @@ def test_search_never_ranks_the_catastrophic_layer_among_the_removed(catastrophi
                     init_sequences=16,
                     final_sequences=16,
                     seed=seed,
+                    selection_method="e3",
                 )
             )
             theta = torch.tensor(res["theta"])

@@ -100,14 +100,14 @@ def detect_release(
         teacher_shard_sequences: Sequences per cache file: the unit a teacher task computes and a reader of an s3:// cache fetches (its local disk holds E3PRUNE_TEACHER_CACHE_SHARDS of them).
         teacher_shards: Teacher tasks (pods) the pass fans out over, each computing whole cache files of every split; at most the cache files of the largest split.
         remove_ratio: Fraction of decoder layers to remove, in (0, 1); rounded to whole layers.
-        selection_method: e3 (the Gumbel-TopK search), best (E³ or SLEB, whichever has the lower KL on held-back data) or a baseline: sleb, block_influence, angular, kl_oneshot, last, random.
+        selection_method: Best (E³ and SLEB, whichever has the lower KL on held-back data; the default, benchmarks/results/end-to-end.md), e3 (the Gumbel-TopK search alone) or a baseline: sleb, block_influence, angular, kl_oneshot, last, random.
         search_budget_tokens: Tokens the Gumbel-TopK search trains on (steps × batch × seq_len).
         search_batch_size: Sequences per search step.
         search_learning_rate: Learning rate of the keep-logits θ.
         search_tau_start: Gumbel-TopK temperature at the start.
         search_tau_end: Gumbel-TopK temperature at the end (at most the start temperature).
         search_seed: Seed of the Gumbel noise.
-        distill_loss: kd (plain top-K KD, best measured), entropy_kd (E³ entropy-aware, Stage 5) or ce (CE only).
+        distill_loss: kd (plain top-K KD; the default: tied with entropy_kd on held-out perplexity over two models, closer to the teacher on both, benchmarks/results/end-to-end.md), entropy_kd (E³ entropy-aware, Stage 5; better where the teacher is weak on the text) or ce (CE only).
         distill_budget_tokens: Tokens of distillation: steps = ceil(tokens / (global batch · seq_len)).
         distill_allow_repeat: Cycle over the distill split when the budget is larger than it.
         distill_batch_size: Sequences per process per distillation micro-batch.
