@@ -309,19 +309,13 @@ def reference_train_dataset() -> tuple[Any, str]:
     """
     from datasets import Dataset
 
-    from e3prune.reference.build import train_documents
+    from e3prune.reference.build import train_documents, without_near_copies
 
-    heldout: set[int] = set()
+    heldout: list[str] = []
     if builtin_corpus().is_file():
         with gzip.open(builtin_corpus(), "rt", encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    heldout |= _word_ngrams(json.loads(line)["text"])
-    docs = []
-    for d in train_documents():
-        grams = _word_ngrams(d.text)
-        if not grams or len(grams & heldout) <= NEAR_COPY_SHARE * len(grams):
-            docs.append(d)
+            heldout = [json.loads(line)["text"] for line in fh if line.strip()]
+    docs = without_near_copies(train_documents(), heldout)
     h = hashlib.sha256()
     for d in docs:
         h.update(d.path.encode() + b"\0" + d.text.encode("utf-8", errors="replace") + b"\0")
